@@ -1,0 +1,76 @@
+"""Project config keys and their validation: a bad value fails at start with the key named."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_folder_dataset
+from detectron2.config import get_cfg
+
+from gmmseg import add_gmmseg_config, validate_gmmseg_config
+from gmmseg.config import ConfigValueError
+from gmmseg.data.folder_dataset import DatasetFormatError, register_folder_dataset
+
+
+@pytest.fixture
+def cfg(tmp_path, unique_name):
+    register_folder_dataset(
+        write_folder_dataset(tmp_path, unique_name, {"train": 1, "val": 1}, num_classes=3)
+    )
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.DATASETS.TRAIN = (f"{unique_name}_train",)
+    cfg.DATASETS.TEST = (f"{unique_name}_val",)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 3
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def test_defaults_and_deeplab_keys_are_added():
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    assert cfg.INPUT.DATASET_MAPPER_NAME == "semantic"
+    assert cfg.TEST.CALIBRATION_BINS == 15
+    assert cfg.SOLVER.POLY_LR_POWER == 0.9  # from Detectron2's DeepLab project
+    add_gmmseg_config(cfg)  # idempotent
+
+
+def test_valid_config_passes(cfg):
+    validate_gmmseg_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("INPUT.DATASET_MAPPER_NAME", "detection"),
+        ("TEST.CALIBRATION_BINS", 0),
+        ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", 0),
+        ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", 4),  # the dataset has 3 classes
+        ("MODEL.SEM_SEG_HEAD.IGNORE_VALUE", 1),  # a class index
+        ("MODEL.SEM_SEG_HEAD.IGNORE_VALUE", 254),  # not the dataset's ignore label
+        ("INPUT.RANDOM_FLIP", "diagonal"),
+        ("SOLVER.IMS_PER_BATCH", 0),
+        ("SOLVER.MAX_ITER", 0),
+        ("SOLVER.BASE_LR", 0.0),
+        ("MODEL.DEVICE", "tpu"),
+    ],
+)
+def test_invalid_value_names_the_key(cfg, key, value):
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ConfigValueError) as info:
+        validate_gmmseg_config(cfg)
+    assert str(info.value).startswith(f"{key} = {value!r} is invalid")
+    assert info.value.key == key
+
+
+def test_crop_size_is_checked(cfg):
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.SIZE = [0, 32]
+    with pytest.raises(ConfigValueError, match=r"^INPUT\.CROP\.SIZE"):
+        validate_gmmseg_config(cfg)
+
+
+def test_unknown_dataset_fails_with_the_path(cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    cfg.DATASETS.TEST = ("nowhere_val",)
+    with pytest.raises(DatasetFormatError, match=str(tmp_path)):
+        validate_gmmseg_config(cfg)

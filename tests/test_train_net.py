@@ -1,0 +1,105 @@
+"""End to end through the real CLI: a few training iterations of the softmax baseline on CPU, its
+checkpoints, resuming, and ``--eval-only`` from the saved weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gmmseg.data.digitscapes import DIGITSCAPES_CLASSES, generate_digitscapes
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "digitscapes" / "deeplabv3plus_R18_softmax.yaml"
+TINY = [
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.MAX_ITER",
+    "4",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+]
+
+
+def _run(args: list[str], datasets: Path) -> str:
+    env = {**os.environ, "DETECTRON2_DATASETS": str(datasets), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_net.py"), "--config-file", str(CONFIG), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_digitscapes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("datasets")
+    generate_digitscapes(str(root), seed=0, image_size=64, counts={"train": 8, "val": 4, "anomaly_val": 4})
+    return root
+
+
+@pytest.mark.slow
+def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path):
+    out = tmp_path / "run"
+    log = _run([*TINY, "OUTPUT_DIR", str(out)], tiny_digitscapes)
+    assert (out / "model_0000001.pth").is_file() and (out / "model_final.pth").is_file()
+    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+    metrics = json.loads((out / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]
+    assert 0.0 <= metrics["mIoU"] <= 100.0 and 0.0 <= metrics["ECE"] <= 100.0
+    assert {f"IoU-{c}" for c in DIGITSCAPES_CLASSES} <= set(metrics)
+    assert "RESULT digitscapes_val: mIoU" in log
+    assert (out / "inference" / "digitscapes_val" / "sem_seg_evaluation.json").is_file()
+
+    # --eval-only needs only the weights, and reproduces the training run's final evaluation
+    eval_out = tmp_path / "eval"
+    _run(
+        ["--eval-only", *TINY, "MODEL.WEIGHTS", str(out / "model_final.pth"), "OUTPUT_DIR", str(eval_out)],
+        tiny_digitscapes,
+    )
+    again = json.loads((eval_out / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]
+    assert again == pytest.approx(metrics, nan_ok=True)
+
+    # --resume continues from the last checkpoint instead of starting over
+    log = _run(["--resume", *TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(out)], tiny_digitscapes)
+    assert "Starting training from iteration 4" in log
+
+
+@pytest.mark.slow
+def test_bad_override_fails_at_start_naming_the_key(tiny_digitscapes, tmp_path):
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tiny_digitscapes)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train_net.py"),
+            "--config-file",
+            str(CONFIG),
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+            "5",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5 is invalid" in proc.stderr
+    assert not list(tmp_path.glob("*.pth"))

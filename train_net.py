@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""GMMSeg-D2 training and evaluation script, in the style of Detectron2's projects.
+
+python train_net.py --config-file configs/digitscapes/deeplabv3plus_R18_softmax.yaml
+python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
+python train_net.py --config-file ... --resume          # continue from the last checkpoint
+python train_net.py --config-file ... --num-gpus 8      # one process per GPU
+python train_net.py --config-file ... SOLVER.MAX_ITER 100 MODEL.DEVICE cpu   # overrides
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import DatasetEvaluators, verify_results
+from detectron2.utils.logger import setup_logger
+
+from gmmseg import SemanticDatasetMapper, SemSegEvaluator, add_gmmseg_config, validate_gmmseg_config
+from gmmseg.solver import build_lr_scheduler
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with GMMSeg-D2's data mapper, evaluators and DeepLab's poly LR schedule."""
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluators = [
+            SemSegEvaluator(
+                dataset_name,
+                distributed=True,
+                output_dir=output_folder,
+                num_calibration_bins=cfg.TEST.CALIBRATION_BINS,
+            )
+        ]
+        return DatasetEvaluators(evaluators)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        return build_detection_train_loader(cfg, mapper=SemanticDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=SemanticDatasetMapper(cfg, is_train=False)
+        )
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+
+def setup(args) -> CfgNode:
+    """Config from defaults + project keys + file + command line, validated before anything runs."""
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gmmseg")
+    validate_gmmseg_config(cfg)
+    return cfg
+
+
+def write_summary(cfg: CfgNode, results: OrderedDict) -> None:
+    """Print one line per test set with the headline numbers and save all metrics as metrics.json."""
+    if not comm.is_main_process() or not results:
+        return
+    # DefaultTrainer.test unwraps the per-dataset dict when there is a single test set
+    per_dataset = {cfg.DATASETS.TEST[0]: results} if len(cfg.DATASETS.TEST) == 1 else results
+    logger = logging.getLogger("gmmseg")
+    for name, res in per_dataset.items():
+        sem = res.get("sem_seg", {})
+        logger.info(
+            "RESULT %s: mIoU %.2f  pACC %.2f  ECE %.2f",
+            name,
+            sem.get("mIoU", float("nan")),
+            sem.get("pACC", float("nan")),
+            sem.get("ECE", float("nan")),
+        )
+    with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), "w") as f:
+        json.dump(per_dataset, f, indent=2)
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        write_summary(cfg, results)
+        return results
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    results = getattr(trainer, "_last_eval_results", None)  # set by the final evaluation
+    write_summary(cfg, results)
+    return results
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
