@@ -4,7 +4,8 @@
 python train_net.py --config-file configs/digitscapes/deeplabv3plus_R18_softmax.yaml
 python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
 python train_net.py --config-file ... --resume          # continue from the last checkpoint
-python train_net.py --config-file ... --num-gpus 8      # one process per GPU
+python train_net.py --config-file ... --num-gpus 8      # one process per GPU (NCCL)
+python train_net.py --config-file ... --num-gpus 2 MODEL.DEVICE cpu   # two CPU processes (gloo)
 python train_net.py --config-file ... SOLVER.MAX_ITER 100 MODEL.DEVICE cpu   # overrides
 """
 
@@ -18,44 +19,16 @@ from collections import OrderedDict
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import DatasetEvaluators, verify_results
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
-from gmmseg import SemanticDatasetMapper, SemSegEvaluator, add_gmmseg_config, validate_gmmseg_config
-from gmmseg.solver import build_lr_scheduler
+from gmmseg import add_gmmseg_config, validate_gmmseg_config
+from gmmseg.engine import GMMSegTrainer, launch
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with GMMSeg-D2's data mapper, evaluators and DeepLab's poly LR schedule."""
-
-    @classmethod
-    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluators = [
-            SemSegEvaluator(
-                dataset_name,
-                distributed=True,
-                output_dir=output_folder,
-                num_calibration_bins=cfg.TEST.CALIBRATION_BINS,
-            )
-        ]
-        return DatasetEvaluators(evaluators)
-
-    @classmethod
-    def build_train_loader(cls, cfg: CfgNode):
-        return build_detection_train_loader(cfg, mapper=SemanticDatasetMapper(cfg, is_train=True))
-
-    @classmethod
-    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=SemanticDatasetMapper(cfg, is_train=False)
-        )
-
-    @classmethod
-    def build_lr_scheduler(cls, cfg: CfgNode, optimizer):
-        return build_lr_scheduler(cfg, optimizer)
+class Trainer(GMMSegTrainer):
+    """The project's trainer (data mapper, evaluators, poly LR, CPU-capable DDP); extend it here."""
 
 
 def setup(args) -> CfgNode:
@@ -112,6 +85,15 @@ def main(args):
     return results
 
 
+def configured_device(args) -> str:
+    """MODEL.DEVICE from the config file and overrides, read before the processes are started."""
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    return cfg.MODEL.DEVICE
+
+
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
@@ -122,4 +104,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=configured_device(args),
     )

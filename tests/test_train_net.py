@@ -103,3 +103,16 @@ def test_bad_override_fails_at_start_naming_the_key(tiny_digitscapes, tmp_path):
     assert proc.returncode != 0
     assert "MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5 is invalid" in proc.stderr
     assert not list(tmp_path.glob("*.pth"))
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_and_evaluate(tiny_digitscapes, tmp_path):
+    out = tmp_path / "ddp"
+    log = _run(
+        ["--num-gpus", "2", "--dist-url", "auto", *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)],
+        tiny_digitscapes,
+    )
+    assert "world size: 2" in log.lower() or "Rank of current process: 0. World size: 2" in log
+    metrics = json.loads((out / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]
+    assert 0.0 <= metrics["mIoU"] <= 100.0
+    assert (out / "model_final.pth").is_file()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Print a Markdown table of the headline metrics saved by train_net.py (``<output_dir>/metrics.json``).
 
-    python tools/summarize.py output/digitscapes/deeplabv3plus_R18_softmax [more output dirs ...]
+python tools/summarize.py output/digitscapes/deeplabv3plus_R18_softmax [more output dirs ...]
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def rows(output_dir: Path) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("output_dirs", nargs="+", type=Path)
     args = parser.parse_args(argv)
     header = ["model", "dataset", *(f"{m} (%)" for _, m in COLUMNS)]

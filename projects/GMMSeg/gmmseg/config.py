@@ -25,6 +25,27 @@ def add_gmmseg_config(cfg: CN) -> None:
     # Number of equal-width confidence bins of the expected calibration error (ECE).
     cfg.TEST.CALIBRATION_BINS = 15
 
+    # GMMSeg: the generative classifier that replaces a head's softmax predictor (reference values).
+    cfg.MODEL.GMM = CN()
+    cfg.MODEL.GMM.EMBED_DIM = 64  # D: pixel features are projected to D dims, LayerNorm-ed, L2-normalised
+    cfg.MODEL.GMM.NUM_COMPONENTS = 5  # K: Gaussian components per class
+    cfg.MODEL.GMM.MEMORY_CAPACITY = 32000  # features per (class, component) FIFO queue
+    cfg.MODEL.GMM.MEMORY_PER_STEP = 20  # at most this many new features per queue per iteration
+    cfg.MODEL.GMM.MEMORY_SAMPLING = "uniform"  # which candidates: "uniform" (evenly spaced) | "random"
+    cfg.MODEL.GMM.MEMORY_DTYPE = "float32"  # storage of the memory: "float32" | "float16"
+    cfg.MODEL.GMM.UPDATE_INTERVAL = 5  # run the M-step every this many iterations
+    cfg.MODEL.GMM.MEAN_MOMENTUM = 0.999  # mean <- m * mean + (1 - m) * new mean
+    cfg.MODEL.GMM.COV_MOMENTUM = 0.0  # std <- m * std + (1 - m) * new std (0: replace)
+    cfg.MODEL.GMM.VAR_FLOOR = 0.01  # added to every variance
+    cfg.MODEL.GMM.SINKHORN_EPSILON = 0.05
+    cfg.MODEL.GMM.SINKHORN_ITERS = 3
+    cfg.MODEL.GMM.E_STEP = "sinkhorn"  # "sinkhorn" (equipartition, GMMSeg) | "vanilla" (plain EM)
+    cfg.MODEL.GMM.CLASS_SCORE = "wta"  # "wta": max over components | "mixture": logsumexp - log K
+    cfg.MODEL.GMM.LOGIT_NORM = "layernorm"  # over the C class scores before softmax: "layernorm" | "none"
+    cfg.MODEL.GMM.COMPONENT_LOSS_WEIGHT = 0.01  # cross-entropy over the C*K components (Sinkhorn targets)
+    # Only pixels the model classifies correctly enter the memory (reference); False: all labelled pixels.
+    cfg.MODEL.GMM.ENQUEUE_CORRECT_ONLY = True
+
 
 def _check(cond: bool, key: str, value, expected: str) -> None:
     if not cond:
@@ -37,10 +58,6 @@ def validate_gmmseg_config(cfg: CN) -> None:
     Dataset-dependent checks (class count, ignore label) need the datasets registered, so this also
     registers every dataset the config names (raising, with the path, if a folder is missing or broken).
     """
-    from detectron2.data import MetadataCatalog
-
-    from gmmseg.data.folder_dataset import ensure_registered
-
     _check(
         cfg.INPUT.DATASET_MAPPER_NAME in ("semantic",),
         "INPUT.DATASET_MAPPER_NAME",
@@ -82,10 +99,62 @@ def validate_gmmseg_config(cfg: CN) -> None:
         cfg.MODEL.DEVICE,
         "'cpu' or 'cuda[:N]'",
     )
+    _validate_gmm(cfg.MODEL.GMM)
     if cfg.INPUT.CROP.ENABLED:
         size = list(cfg.INPUT.CROP.SIZE)
         _check(len(size) == 2 and all(s > 0 for s in size), "INPUT.CROP.SIZE", size, "two positive numbers")
 
+    _validate_datasets(cfg)
+
+
+def _validate_gmm(gmm: CN) -> None:
+    def positive_int(name: str) -> None:
+        value = getattr(gmm, name)
+        _check(isinstance(value, int) and value >= 1, f"MODEL.GMM.{name}", value, "an integer >= 1")
+
+    def choice(name: str, options: tuple[str, ...]) -> None:
+        value = getattr(gmm, name)
+        _check(value in options, f"MODEL.GMM.{name}", value, " or ".join(repr(o) for o in options))
+
+    def in_range(name: str, low: float, high: float, low_open: bool = False) -> None:
+        value = getattr(gmm, name)
+        ok = isinstance(value, (int, float)) and (low < value if low_open else low <= value) and value <= high
+        bracket = "(" if low_open else "["
+        _check(ok, f"MODEL.GMM.{name}", value, f"a number in {bracket}{low}, {high}]")
+
+    for name in (
+        "EMBED_DIM",
+        "NUM_COMPONENTS",
+        "MEMORY_CAPACITY",
+        "MEMORY_PER_STEP",
+        "UPDATE_INTERVAL",
+        "SINKHORN_ITERS",
+    ):
+        positive_int(name)
+    choice("MEMORY_SAMPLING", ("uniform", "random"))
+    choice("MEMORY_DTYPE", ("float32", "float16"))
+    choice("E_STEP", ("sinkhorn", "vanilla"))
+    choice("CLASS_SCORE", ("wta", "mixture"))
+    choice("LOGIT_NORM", ("layernorm", "none"))
+    in_range("MEAN_MOMENTUM", 0.0, 1.0)
+    in_range("COV_MOMENTUM", 0.0, 1.0)
+    in_range("VAR_FLOOR", 0.0, float("inf"), low_open=True)
+    in_range("SINKHORN_EPSILON", 0.0, float("inf"), low_open=True)
+    in_range("COMPONENT_LOSS_WEIGHT", 0.0, float("inf"))
+    _check(
+        isinstance(gmm.ENQUEUE_CORRECT_ONLY, bool),
+        "MODEL.GMM.ENQUEUE_CORRECT_ONLY",
+        gmm.ENQUEUE_CORRECT_ONLY,
+        "True or False",
+    )
+
+
+def _validate_datasets(cfg: CN) -> None:
+    from detectron2.data import MetadataCatalog
+
+    from gmmseg.data.folder_dataset import ensure_registered
+
+    head = cfg.MODEL.SEM_SEG_HEAD
     for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
         for name in names:
             ensure_registered(name)

@@ -1,0 +1,448 @@
+"""Semantic-segmentation evaluator: IoU / accuracy metrics plus pixel-level calibration (ECE).
+
+Detectron2 0.6 ships a ``SemSegEvaluator`` but it uses ``np.int`` / ``np.float`` (removed in numpy 2),
+takes the ground truth through ``DatasetCatalog`` and ignores the posteriors. GMMSeg is a generative
+classifier whose selling point includes calibrated posteriors, so this evaluator also accumulates
+reliability-bin statistics. Everything is accumulated as small sufficient statistics (a CxC confusion
+matrix and three B-length bin arrays), which makes distributed evaluation a plain sum.
+
+The math lives in module-level pure numpy functions (:func:`confusion_matrix`,
+:func:`segmentation_metrics`, :func:`calibration_bins`, :func:`expected_calibration_error`) so it can be
+tested on its own; the evaluator does the per-pixel work in torch on the output's device and only moves
+the small per-image statistics to numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import OrderedDict
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from PIL import Image
+
+__all__ = [
+    "SemSegEvaluator",
+    "confusion_matrix",
+    "segmentation_metrics",
+    "calibration_bins",
+    "expected_calibration_error",
+    "plot_reliability_diagram",
+]
+
+logger = logging.getLogger(__name__)
+
+# |sum_c p_c - 1| above this means the model returned unnormalised scores (logits), not posteriors.
+_PROB_SUM_TOL = 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions (numpy in, numpy out)
+# --------------------------------------------------------------------------------------------------
+def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_label: int) -> np.ndarray:
+    """(C, C) int64 confusion matrix, rows = ground truth, columns = prediction.
+
+    Pixels whose ground truth equals ``ignore_label`` are skipped. One ``np.bincount`` over the flat
+    index ``gt * C + pred`` does the whole count without a Python loop.
+    """
+    gt = np.asarray(gt, dtype=np.int64).reshape(-1)
+    pred = np.asarray(pred, dtype=np.int64).reshape(-1)
+    if gt.shape != pred.shape:
+        raise ValueError(f"gt and pred differ in size: {gt.size} vs {pred.size}")
+    keep = gt != ignore_label
+    gt, pred = gt[keep], pred[keep]
+    for name, arr in (("gt", gt), ("pred", pred)):
+        bad = (arr < 0) | (arr >= num_classes)
+        if bad.any():
+            raise ValueError(f"{name} has labels outside [0, {num_classes}): {np.unique(arr[bad]).tolist()}")
+    counts = np.bincount(gt * num_classes + pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).astype(np.int64, copy=False)
+
+
+def _nanmean(x: np.ndarray) -> float:
+    """Mean over finite entries; NaN (without numpy's empty-slice warning) when there are none."""
+    valid = ~np.isnan(x)
+    return float(x[valid].mean()) if valid.any() else float("nan")
+
+
+def segmentation_metrics(conf_matrix: np.ndarray, class_names: Sequence[str]) -> Dict[str, float]:
+    """Standard segmentation metrics, in percent, from a (C, C) gt-by-prediction confusion matrix.
+
+    Returns ``mIoU``, ``fwIoU``, ``IoU-<name>``, ``mACC``, ``pACC``, ``ACC-<name>`` (Detectron2's keys and
+    order). A class's IoU is NaN when it is absent from both ground truth and prediction (union 0) and its
+    accuracy is NaN when it is absent from the ground truth; NaNs are left out of the means. A class that
+    is only predicted (false positives, no ground truth) has IoU 0 and does count in mIoU.
+    """
+    cm = np.asarray(conf_matrix, dtype=np.float64)
+    num_classes = cm.shape[0]
+    if cm.shape != (num_classes, num_classes):
+        raise ValueError(f"confusion matrix must be square, got shape {cm.shape}")
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a {num_classes}-class confusion matrix")
+    if len(set(class_names)) != len(class_names):
+        raise ValueError(f"class names must be unique (they become metric keys): {list(class_names)}")
+
+    tp = np.diag(cm)
+    pos_gt = cm.sum(axis=1)
+    pos_pred = cm.sum(axis=0)
+    union = pos_gt + pos_pred - tp
+    total = pos_gt.sum()
+
+    iou = np.full(num_classes, np.nan)
+    np.divide(tp, union, out=iou, where=union > 0)
+    acc = np.full(num_classes, np.nan)
+    np.divide(tp, pos_gt, out=acc, where=pos_gt > 0)
+
+    if total > 0:
+        present = pos_gt > 0  # union > 0 there, so iou is finite
+        fwiou = float(np.sum(pos_gt[present] / total * iou[present]))
+        pacc = float(tp.sum() / total)
+    else:
+        fwiou = pacc = float("nan")
+
+    res: Dict[str, float] = OrderedDict()
+    res["mIoU"] = 100.0 * _nanmean(iou)
+    res["fwIoU"] = 100.0 * fwiou
+    for name, v in zip(class_names, iou):
+        res[f"IoU-{name}"] = 100.0 * float(v)
+    res["mACC"] = 100.0 * _nanmean(acc)
+    res["pACC"] = 100.0 * pacc
+    for name, v in zip(class_names, acc):
+        res[f"ACC-{name}"] = 100.0 * float(v)
+    return res
+
+
+def calibration_bins(
+    confidence: np.ndarray, correct: np.ndarray, num_bins: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reliability-bin sufficient statistics for equal-width bins on [0, 1].
+
+    Bin of a confidence ``c`` is ``min(floor(c * B), B - 1)`` (so ``c == 1`` lands in the last bin;
+    values marginally outside [0, 1] from float round-off are clamped into the end bins).
+    Returns ``(counts int64, conf_sums float64, correct_sums int64)``, each of length ``num_bins``;
+    being sums they add up across images and ranks.
+    """
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    corr = np.asarray(correct).reshape(-1).astype(bool)
+    if conf.shape != corr.shape:
+        raise ValueError(f"confidence and correct differ in size: {conf.size} vs {corr.size}")
+    if not np.isfinite(conf).all():
+        raise ValueError("confidence contains NaN or inf")
+    idx = np.clip(np.floor(conf * num_bins), 0, num_bins - 1).astype(np.int64)
+    counts = np.bincount(idx, minlength=num_bins).astype(np.int64)
+    conf_sums = np.bincount(idx, weights=conf, minlength=num_bins).astype(np.float64)
+    correct_sums = np.bincount(idx[corr], minlength=num_bins).astype(np.int64)
+    return counts, conf_sums, correct_sums
+
+
+def expected_calibration_error(counts: np.ndarray, conf_sums: np.ndarray, correct_sums: np.ndarray) -> float:
+    """ECE in [0, 1]: ``sum_b (n_b / N) * |acc_b - conf_b|``; NaN when there are no samples.
+
+    ``(n_b / N) * |correct_b / n_b - confsum_b / n_b| == |correct_b - confsum_b| / N``, so empty bins
+    need no special case.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return float("nan")
+    gap = np.abs(np.asarray(correct_sums, dtype=np.float64) - np.asarray(conf_sums, dtype=np.float64))
+    return float(gap.sum() / total)
+
+
+def _reliability_table(counts: np.ndarray, conf_sums: np.ndarray, correct_sums: np.ndarray) -> List[dict]:
+    """Per-bin rows (edges, count, mean confidence, accuracy) for the JSON report."""
+    num_bins = len(counts)
+    rows = []
+    for b in range(num_bins):  # loop over bins (B ~ 15), not pixels
+        n = int(counts[b])
+        rows.append(
+            {
+                "lower": b / num_bins,
+                "upper": (b + 1) / num_bins,
+                "count": n,
+                "mean_confidence": float(conf_sums[b] / n) if n else None,
+                "accuracy": float(correct_sums[b] / n) if n else None,
+            }
+        )
+    return rows
+
+
+def plot_reliability_diagram(
+    counts: np.ndarray,
+    conf_sums: np.ndarray,
+    correct_sums: np.ndarray,
+    path: str,
+    title: str = "Reliability diagram",
+) -> None:
+    """Write a reliability diagram PNG: per-bin accuracy vs confidence over the diagonal, counts below.
+
+    matplotlib is imported here (and used through the Agg canvas, not pyplot) so that importing the
+    evaluator neither needs matplotlib nor changes the process-wide backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(counts, dtype=np.float64)
+    num_bins = len(counts)
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = 1.0 / num_bins
+    nonempty = counts > 0
+    acc = np.zeros(num_bins)
+    mean_conf = np.zeros(num_bins)
+    acc[nonempty] = np.asarray(correct_sums, dtype=np.float64)[nonempty] / counts[nonempty]
+    mean_conf[nonempty] = np.asarray(conf_sums, dtype=np.float64)[nonempty] / counts[nonempty]
+    ece = expected_calibration_error(counts, conf_sums, correct_sums)
+
+    fig = Figure(figsize=(5, 6.5))
+    FigureCanvasAgg(fig)
+    ax, ax_hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(
+        centers[nonempty], acc[nonempty], width=width, edgecolor="black", color="tab:blue", label="accuracy"
+    )
+    ax.bar(
+        centers[nonempty],
+        (mean_conf - acc)[nonempty],
+        bottom=acc[nonempty],
+        width=width,
+        edgecolor="tab:red",
+        color="tab:red",
+        alpha=0.3,
+        label="gap to mean confidence",
+    )
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.set_title(f"{title}\nECE = {100 * ece:.2f}%")
+
+    ax_hist.bar(centers, counts, width=width, edgecolor="black", color="tab:gray")
+    if counts.max(initial=0) > 0:
+        ax_hist.set_yscale("log")
+    ax_hist.set_xlabel("confidence (max posterior)")
+    ax_hist.set_ylabel("pixels")
+    fig.tight_layout()
+
+    with PathManager.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf -> None so the JSON file is standard JSON (json.dumps would write bare ``NaN``)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluator
+# --------------------------------------------------------------------------------------------------
+class SemSegEvaluator(DatasetEvaluator):
+    """mIoU / fwIoU / mACC / pACC and pixel ECE from ``output["sem_seg"]`` class posteriors.
+
+    Ground truth comes from each input's ``sem_seg_file_name`` PNG (class index per pixel), not from the
+    model output. State is a confusion matrix plus reliability-bin sums, so ``distributed=True`` only
+    gathers a few small arrays to rank 0.
+    """
+
+    def __init__(
+        self,
+        dataset_name: str,
+        distributed: bool = True,
+        output_dir: str | None = None,
+        *,
+        num_classes: int | None = None,
+        ignore_label: int | None = None,
+        num_calibration_bins: int = 15,
+    ) -> None:
+        """
+        Args:
+            dataset_name: name in ``MetadataCatalog``; its ``stuff_classes`` name the classes and its
+                ``ignore_label`` (default 255) marks unlabeled pixels.
+            distributed: gather statistics from all ranks in :meth:`evaluate` (only rank 0 returns).
+            output_dir: where to write ``sem_seg_evaluation.json`` and ``reliability_diagram.png``.
+            num_classes: must match ``len(stuff_classes)``; only needed when metadata has no classes.
+            ignore_label: overrides the metadata's ignore label.
+            num_calibration_bins: number of equal-width confidence bins for ECE.
+        """
+        self._dataset_name = dataset_name
+        self._distributed = distributed
+        self._output_dir = output_dir
+        meta = MetadataCatalog.get(dataset_name)
+
+        class_names = meta.get("stuff_classes", None)
+        if class_names is None:
+            if num_classes is None:
+                raise ValueError(
+                    f"dataset {dataset_name!r} has no 'stuff_classes' metadata; pass num_classes explicitly"
+                )
+            class_names = [str(i) for i in range(num_classes)]
+        elif num_classes is not None and num_classes != len(class_names):
+            raise ValueError(
+                f"num_classes={num_classes} but dataset {dataset_name!r} has {len(class_names)} stuff_classes"
+            )
+        self._class_names: List[str] = list(class_names)
+        self._num_classes = len(self._class_names)
+        self._ignore_label = int(ignore_label if ignore_label is not None else meta.get("ignore_label", 255))
+        if num_calibration_bins < 1:
+            raise ValueError(f"num_calibration_bins must be >= 1, got {num_calibration_bins}")
+        self._num_bins = int(num_calibration_bins)
+        self._warned_logits = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear the accumulated statistics (called by ``inference_on_dataset`` before each round)."""
+        c, b = self._num_classes, self._num_bins
+        self._conf_matrix = np.zeros((c, c), dtype=np.int64)
+        self._bin_counts = np.zeros(b, dtype=np.int64)
+        self._bin_conf_sums = np.zeros(b, dtype=np.float64)
+        self._bin_correct_sums = np.zeros(b, dtype=np.int64)
+
+    # ---------------------------------------------------------------------------------------------
+    def _load_gt(self, input_: dict) -> Tuple[np.ndarray, str]:
+        """Read the label PNG; PIL gives palette indices for 'P' images, i.e. the class ids."""
+        if "sem_seg_file_name" not in input_:
+            raise KeyError(
+                f"input {input_.get('file_name', '<unknown>')!r} has no 'sem_seg_file_name'; "
+                "SemSegEvaluator reads the ground truth from it"
+            )
+        path = input_["sem_seg_file_name"]
+        with PathManager.open(path, "rb") as f:
+            gt = np.asarray(Image.open(f), dtype=np.int64)
+        return gt, path
+
+    def _posteriors(self, scores: torch.Tensor, path: str) -> torch.Tensor:
+        """Return (C, H, W) probabilities; softmax first if the model handed back logits."""
+        scores = scores.float()
+        sums = scores.sum(dim=0)
+        if not torch.isfinite(sums).all():
+            raise ValueError(f"sem_seg output for {path} contains NaN or inf")
+        if (sums - 1.0).abs().max().item() > _PROB_SUM_TOL:
+            if not self._warned_logits:
+                logger.warning(
+                    "SemSegEvaluator: output['sem_seg'] does not sum to 1 over classes (|sum - 1| > %g); "
+                    "treating it as logits and applying softmax over C. Return posteriors to silence this.",
+                    _PROB_SUM_TOL,
+                )
+                self._warned_logits = True
+            scores = torch.softmax(scores, dim=0)
+        return scores
+
+    @torch.no_grad()
+    def process(self, inputs: List[dict], outputs: List[dict]) -> None:
+        """Accumulate the confusion matrix and reliability-bin sums for each image.
+
+        Per-pixel work (argmax, masking, bincount) stays in torch on the output's device; only the
+        C*C + 3*B per-image sums go to numpy.
+        """
+        c, b = self._num_classes, self._num_bins
+        for input_, output in zip(inputs, outputs):
+            gt_np, path = self._load_gt(input_)
+            scores = output["sem_seg"]
+            if scores.dim() != 3 or scores.shape[0] != c:
+                raise ValueError(
+                    f"output['sem_seg'] for {path} must have shape (C={c}, H, W), got {tuple(scores.shape)}"
+                )
+            if gt_np.shape != tuple(scores.shape[1:]):
+                raise ValueError(
+                    f"ground truth {path} has shape {gt_np.shape} but the prediction is "
+                    f"{tuple(scores.shape[1:])} (H, W)"
+                )
+            device = scores.device
+            gt = torch.from_numpy(gt_np).to(device).reshape(-1)
+            valid = gt != self._ignore_label
+            bad = valid & ((gt < 0) | (gt >= c))
+            if bad.any():
+                values = torch.unique(gt[bad]).tolist()
+                raise ValueError(
+                    f"ground truth {path} has labels {values} outside [0, {c}) that are not the "
+                    f"ignore label {self._ignore_label}"
+                )
+
+            probs = self._posteriors(scores, path)
+            conf, pred = probs.max(dim=0)  # first maximal index on ties, like argmax
+            gt_v = gt[valid]
+            pred_v = pred.reshape(-1)[valid]
+            conf_v = conf.reshape(-1)[valid].double()  # float64 binning, like calibration_bins
+            correct = pred_v == gt_v
+
+            cm = torch.bincount(gt_v * c + pred_v, minlength=c * c)
+            bin_idx = torch.floor(conf_v * b).long().clamp_(0, b - 1)
+            counts = torch.bincount(bin_idx, minlength=b)
+            conf_sums = torch.bincount(bin_idx, weights=conf_v, minlength=b)
+            correct_sums = torch.bincount(bin_idx[correct], minlength=b)
+
+            self._conf_matrix += cm.cpu().numpy().reshape(c, c)
+            self._bin_counts += counts.cpu().numpy()
+            self._bin_conf_sums += conf_sums.cpu().numpy()
+            self._bin_correct_sums += correct_sums.cpu().numpy()
+
+    # ---------------------------------------------------------------------------------------------
+    def evaluate(self) -> OrderedDict[str, Dict[str, float]] | None:
+        """Sum statistics over ranks (if distributed) and compute metrics on the main process.
+
+        Returns ``OrderedDict(sem_seg=metrics)`` on the main process, ``None`` on the others (as
+        Detectron2's evaluators do), and ``{}`` with a warning when no labelled pixel was seen.
+        """
+        stats = (self._conf_matrix, self._bin_counts, self._bin_conf_sums, self._bin_correct_sums)
+        if self._distributed:
+            comm.synchronize()
+            gathered = comm.gather(stats, dst=0)
+            if not comm.is_main_process():
+                return None
+            stats = tuple(np.sum([s[i] for s in gathered], axis=0) for i in range(len(stats)))
+        conf_matrix, counts, conf_sums, correct_sums = stats
+
+        if conf_matrix.sum() == 0:
+            logger.warning(f"SemSegEvaluator on {self._dataset_name}: no labelled pixels were processed.")
+            return OrderedDict()
+
+        results = segmentation_metrics(conf_matrix, self._class_names)
+        results["ECE"] = 100.0 * expected_calibration_error(counts, conf_sums, correct_sums)
+
+        if self._output_dir:
+            PathManager.mkdirs(self._output_dir)
+            report = {
+                "dataset": self._dataset_name,
+                "metrics": dict(results),
+                "class_names": self._class_names,
+                "ignore_label": self._ignore_label,
+                "confusion_matrix": conf_matrix.tolist(),
+                "confusion_matrix_layout": "rows = ground truth, columns = prediction (pixel counts)",
+                "reliability_bins": _reliability_table(counts, conf_sums, correct_sums),
+            }
+            with PathManager.open(os.path.join(self._output_dir, "sem_seg_evaluation.json"), "w") as f:
+                json.dump(_json_safe(report), f, indent=2)
+            plot_reliability_diagram(
+                counts,
+                conf_sums,
+                correct_sums,
+                os.path.join(self._output_dir, "reliability_diagram.png"),
+                title=f"Reliability diagram ({self._dataset_name})",
+            )
+
+        logger.info(
+            "SemSegEvaluator on %s: mIoU %.2f, fwIoU %.2f, mACC %.2f, pACC %.2f, ECE %.2f",
+            self._dataset_name,
+            results["mIoU"],
+            results["fwIoU"],
+            results["mACC"],
+            results["pACC"],
+            results["ECE"],
+        )
+        return OrderedDict({"sem_seg": results})

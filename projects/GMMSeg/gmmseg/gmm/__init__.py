@@ -1,0 +1,23 @@
+"""Pure-PyTorch core of GMMSeg (no Detectron2 import): Gaussian log-likelihoods, Sinkhorn, memory, EM."""
+
+from .classifier import GaussianMixtureClassifier
+from .em import GMMFit, e_step, fit_gmm, kmeans_plusplus, m_step, m_step_from_statistics
+from .gaussian import diag_gaussian_log_prob
+from .memory import FeatureMemory, gather_from_all_processes, linspace_indices
+from .sinkhorn import normalize_by_max_abs, sinkhorn
+
+__all__ = [
+    "FeatureMemory",
+    "GMMFit",
+    "GaussianMixtureClassifier",
+    "diag_gaussian_log_prob",
+    "e_step",
+    "fit_gmm",
+    "gather_from_all_processes",
+    "kmeans_plusplus",
+    "linspace_indices",
+    "m_step",
+    "m_step_from_statistics",
+    "normalize_by_max_abs",
+    "sinkhorn",
+]

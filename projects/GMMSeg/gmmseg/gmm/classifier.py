@@ -1,0 +1,117 @@
+"""GMMSeg's generative classifier: one uniform-weight diagonal Gaussian mixture per class."""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .em import m_step
+from .gaussian import diag_gaussian_log_prob
+from .memory import FeatureMemory
+
+__all__ = ["GaussianMixtureClassifier"]
+
+
+class GaussianMixtureClassifier(nn.Module):
+    """Class scores ``log p(x | c)`` from C mixtures of K diagonal Gaussians in D dims.
+
+    ``means`` and ``stds`` (C, K, D) are buffers: they get no gradient and are fitted only by EM (see
+    ``update_from_memory``); the gradient flows to the features ``x``. ``score="wta"`` (default, as the
+    reference) scores a class by its best component, ``max_k log N(x | mu_ck, s_ck)``; ``score="mixture"``
+    by the uniform mixture, ``logsumexp_k log N(x | mu_ck, s_ck) - log K``.
+    """
+
+    means: Tensor
+    stds: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_components: int = 5,
+        dim: int = 64,
+        *,
+        score: str = "wta",
+        init_std: float = 0.02,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Initialised as the reference: means ~ trunc_normal(std=init_std), L2-normalised; stds = 1."""
+        super().__init__()
+        if score not in ("wta", "mixture"):
+            raise ValueError(f"score must be 'wta' or 'mixture', got {score!r}")
+        self.num_classes = num_classes
+        self.num_components = num_components
+        self.dim = dim
+        self.score = score
+        means = torch.empty(num_classes, num_components, dim)
+        nn.init.trunc_normal_(means, std=init_std, generator=generator)
+        self.register_buffer("means", F.normalize(means, dim=-1))
+        self.register_buffer("stds", torch.ones(num_classes, num_components, dim))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, num_components={self.num_components}, dim={self.dim}, "
+            f"score={self.score!r}"
+        )
+
+    def component_log_prob(self, x: Tensor) -> Tensor:
+        """``log N(x | mu_ck, diag(s_ck^2))`` for ``x`` (..., D): ``(..., C, K)``."""
+        lead = x.shape[:-1]
+        flat = diag_gaussian_log_prob(
+            x.reshape(-1, self.dim),
+            self.means.detach().reshape(-1, self.dim),
+            self.stds.detach().reshape(-1, self.dim),
+        )
+        return flat.view(*lead, self.num_classes, self.num_components)
+
+    def class_log_prob(self, x: Tensor, component_log_prob: Tensor | None = None) -> Tensor:
+        """Class scores ``(..., C)`` (wta or mixture); pass ``component_log_prob`` to reuse it."""
+        comp = self.component_log_prob(x) if component_log_prob is None else component_log_prob
+        if self.score == "wta":
+            return comp.amax(dim=-1)
+        return torch.logsumexp(comp, dim=-1) - math.log(self.num_components)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class scores ``(..., C)``, usable as logits for cross-entropy."""
+        return self.class_log_prob(x)
+
+    def anomaly_score(self, x: Tensor) -> Tensor:
+        """``-max_c log p(x | c)`` ``(...)``: high where no class explains the feature."""
+        return -self.class_log_prob(x).amax(dim=-1)
+
+    @torch.no_grad()
+    def update_parameters(self, means: Tensor, stds: Tensor) -> None:
+        """Replace the parameters (shapes (C, K, D)); means are expected L2-normalised, stds positive."""
+        if means.shape != self.means.shape or stds.shape != self.stds.shape:
+            raise ValueError(
+                f"expected means and stds of shape {tuple(self.means.shape)}, got "
+                f"{tuple(means.shape)} and {tuple(stds.shape)}"
+            )
+        self.means.copy_(means)
+        self.stds.copy_(stds)
+
+    @torch.no_grad()
+    def update_from_memory(
+        self,
+        memory: FeatureMemory,
+        *,
+        mean_momentum: float = 0.999,
+        cov_momentum: float = 0.0,
+        var_floor: float = 0.01,
+        exact: bool = False,
+    ) -> Tuple[Tensor, Tensor]:
+        """Run the M-step (``gmm.em.m_step``) on ``memory`` and store the result; returns it too."""
+        means, stds = m_step(
+            memory,
+            self.means,
+            self.stds,
+            mean_momentum=mean_momentum,
+            cov_momentum=cov_momentum,
+            var_floor=var_floor,
+            exact=exact,
+        )
+        self.update_parameters(means, stds)
+        return means, stds

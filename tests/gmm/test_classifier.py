@@ -1,0 +1,104 @@
+"""GaussianMixtureClassifier against torch.distributions mixtures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+from gmmseg.gmm import FeatureMemory, GaussianMixtureClassifier, m_step
+
+
+def make_classifier(score: str = "wta", seed: int = 0) -> GaussianMixtureClassifier:
+    clf = GaussianMixtureClassifier(4, 3, 8, score=score, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    means = F.normalize(torch.randn(4, 3, 8, generator=g), dim=-1)
+    clf.update_parameters(means, 0.2 + torch.rand(4, 3, 8, generator=g))
+    return clf
+
+
+def inputs(n: int = 50, seed: int = 3) -> torch.Tensor:
+    return F.normalize(torch.randn(n, 8, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_init_as_reference() -> None:
+    clf = GaussianMixtureClassifier(5, 4, 16, generator=torch.Generator().manual_seed(0))
+    assert clf.means.shape == clf.stds.shape == (5, 4, 16)
+    torch.testing.assert_close(clf.means.norm(dim=-1), torch.ones(5, 4))
+    assert torch.equal(clf.stds, torch.ones(5, 4, 16))
+    raw = torch.empty(5, 4, 16)
+    torch.nn.init.trunc_normal_(raw, std=0.02, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(clf.means, F.normalize(raw, dim=-1))
+    assert 0.01 < raw.std() < 0.03
+    other = GaussianMixtureClassifier(5, 4, 16, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(clf.means, other.means)
+
+
+def test_parameters_are_buffers_without_gradient() -> None:
+    clf = make_classifier()
+    assert list(clf.parameters()) == []
+    assert {"means", "stds"} <= set(dict(clf.named_buffers()))
+    x = inputs().requires_grad_(True)
+    clf(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert clf.means.grad is None and not clf.means.requires_grad
+
+
+def test_component_log_prob_matches_distributions() -> None:
+    clf = make_classifier()
+    x = inputs()
+    comp = clf.component_log_prob(x)
+    assert comp.shape == (50, 4, 3)
+    ref = Independent(Normal(clf.means.double(), clf.stds.double()), 1).log_prob(x.double()[:, None, None])
+    torch.testing.assert_close(comp.double(), ref, rtol=1e-5, atol=1e-4)
+    # leading dimensions are kept
+    assert clf.component_log_prob(x.view(5, 10, 8)).shape == (5, 10, 4, 3)
+
+
+def test_wta_and_mixture_scores() -> None:
+    x = inputs()
+    wta = make_classifier("wta")
+    mix = make_classifier("mixture")
+    comp = wta.component_log_prob(x)
+    torch.testing.assert_close(wta(x), comp.amax(-1))
+    mixture = MixtureSameFamily(
+        Categorical(logits=torch.zeros(4, 3, dtype=torch.float64)),
+        Independent(Normal(mix.means.double(), mix.stds.double()), 1),
+    )
+    torch.testing.assert_close(mix(x).double(), mixture.log_prob(x.double()[:, None]), rtol=1e-5, atol=1e-4)
+    assert torch.all(mix(x) <= wta(x) + 1e-4) and torch.all(mix(x) >= wta(x) - math.log(3) - 1e-4)
+    torch.testing.assert_close(mix.class_log_prob(x, component_log_prob=comp), mix(x))
+    with pytest.raises(ValueError):
+        GaussianMixtureClassifier(2, 2, 2, score="max")
+
+
+def test_anomaly_score() -> None:
+    clf = make_classifier()
+    x = torch.cat([clf.means[2, 1][None], -clf.means[2, 1][None] * 3])
+    score = clf.anomaly_score(x)
+    torch.testing.assert_close(score, -clf(x).amax(-1))
+    assert score[0] < score[1]
+
+
+def test_update_from_memory_and_state_dict_round_trip() -> None:
+    clf = make_classifier()
+    mem = FeatureMemory(4, 3, 8, capacity=20)
+    g = torch.Generator().manual_seed(9)
+    mem.enqueue(
+        inputs(200, 4), torch.randint(0, 3, (200,), generator=g), torch.randint(0, 3, (200,), generator=g)
+    )
+    expected = m_step(mem, clf.means, clf.stds, mean_momentum=0.9)
+    returned = clf.update_from_memory(mem, mean_momentum=0.9)
+    assert torch.equal(clf.means, expected[0]) and torch.equal(clf.stds, expected[1])
+    assert torch.equal(returned[0], expected[0])
+
+    other = GaussianMixtureClassifier(4, 3, 8, score="wta")
+    other.load_state_dict(clf.state_dict())
+    assert torch.equal(other.means, clf.means) and torch.equal(other.stds, clf.stds)
+    x = inputs()
+    assert torch.equal(other(x), clf(x))
+    with pytest.raises(ValueError):
+        clf.update_parameters(torch.zeros(4, 3, 7), torch.ones(4, 3, 7))
