@@ -45,7 +45,8 @@ def setup(args) -> CfgNode:
 
 
 def write_summary(cfg: CfgNode, results: OrderedDict) -> None:
-    """Print one line per test set with the headline numbers and save all metrics as metrics.json."""
+    """Print one line per test set with the headline numbers and save all metrics to
+    ``OUTPUT_DIR/inference/metrics.json`` (``OUTPUT_DIR/metrics.json`` is Detectron2's training log)."""
     if not comm.is_main_process() or not results:
         return
     # DefaultTrainer.test unwraps the per-dataset dict when there is a single test set
@@ -60,7 +61,8 @@ def write_summary(cfg: CfgNode, results: OrderedDict) -> None:
             sem.get("pACC", float("nan")),
             sem.get("ECE", float("nan")),
         )
-    with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), "w") as f:
+    os.makedirs(os.path.join(cfg.OUTPUT_DIR, "inference"), exist_ok=True)
+    with open(os.path.join(cfg.OUTPUT_DIR, "inference", "metrics.json"), "w") as f:
         json.dump(per_dataset, f, indent=2)
 
 

@@ -74,3 +74,60 @@ def test_unknown_dataset_fails_with_the_path(cfg, tmp_path, monkeypatch):
     cfg.DATASETS.TEST = ("nowhere_val",)
     with pytest.raises(DatasetFormatError, match=str(tmp_path)):
         validate_gmmseg_config(cfg)
+
+
+def test_gmm_defaults_are_the_reference_values():
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    g = cfg.MODEL.GMM
+    assert (g.EMBED_DIM, g.NUM_COMPONENTS, g.MEMORY_CAPACITY, g.MEMORY_PER_STEP, g.UPDATE_INTERVAL) == (
+        64,
+        5,
+        32000,
+        20,
+        5,
+    )
+    assert (g.MEAN_MOMENTUM, g.COV_MOMENTUM, g.VAR_FLOOR, g.SINKHORN_EPSILON, g.SINKHORN_ITERS) == (
+        0.999,
+        0.0,
+        0.01,
+        0.05,
+        3,
+    )
+    assert (g.E_STEP, g.CLASS_SCORE, g.LOGIT_NORM, g.COMPONENT_LOSS_WEIGHT) == (
+        "sinkhorn",
+        "wta",
+        "layernorm",
+        0.01,
+    )
+    assert (g.MEMORY_DTYPE, g.MEMORY_SAMPLING, g.ENQUEUE_CORRECT_ONLY) == ("float32", "uniform", True)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("EMBED_DIM", 0),
+        ("NUM_COMPONENTS", 0),
+        ("MEMORY_CAPACITY", -1),
+        ("MEMORY_PER_STEP", 0),
+        ("UPDATE_INTERVAL", 0),
+        ("SINKHORN_ITERS", 0),
+        ("MEMORY_SAMPLING", "stratified"),
+        ("MEMORY_DTYPE", "int8"),
+        ("E_STEP", "kmeans"),
+        ("CLASS_SCORE", "sum"),
+        ("LOGIT_NORM", "batchnorm"),
+        ("MEAN_MOMENTUM", 1.5),
+        ("COV_MOMENTUM", -0.1),
+        ("VAR_FLOOR", 0.0),
+        ("SINKHORN_EPSILON", 0.0),
+        ("COMPONENT_LOSS_WEIGHT", -1.0),
+        ("ENQUEUE_CORRECT_ONLY", "yes"),
+    ],
+)
+def test_invalid_gmm_value_names_the_key(cfg, key, value):
+    cfg.MODEL.GMM[key] = value
+    with pytest.raises(ConfigValueError) as info:
+        validate_gmmseg_config(cfg)
+    assert info.value.key == f"MODEL.GMM.{key}"
+    assert str(info.value).startswith(f"MODEL.GMM.{key} = {value!r} is invalid")

@@ -1,5 +1,5 @@
-"""End to end through the real CLI: a few training iterations of the softmax baseline on CPU, its
-checkpoints, resuming, and ``--eval-only`` from the saved weights."""
+"""End to end through the real CLI: a few training iterations of the softmax baseline and of GMMSeg on
+CPU, their checkpoints, resuming, ``--eval-only`` from the saved weights, and two CPU processes."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gmmseg.data.digitscapes import DIGITSCAPES_CLASSES, generate_digitscapes
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "digitscapes" / "deeplabv3plus_R18_softmax.yaml"
+CONFIGS = REPO / "configs" / "digitscapes"
+CONFIG = CONFIGS / "deeplabv3plus_R18_softmax.yaml"
 TINY = [
     "SOLVER.IMS_PER_BATCH",
     "2",
@@ -33,10 +35,10 @@ TINY = [
 ]
 
 
-def _run(args: list[str], datasets: Path) -> str:
+def _run(args: list[str], datasets: Path, config: Path = CONFIG) -> str:
     env = {**os.environ, "DETECTRON2_DATASETS": str(datasets), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train_net.py"), "--config-file", str(CONFIG), *args],
+        [sys.executable, str(REPO / "train_net.py"), "--config-file", str(config), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -55,12 +57,14 @@ def tiny_digitscapes(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path):
+@pytest.mark.parametrize("config", ["deeplabv3plus_R18_softmax.yaml", "deeplabv3plus_R18_gmmseg.yaml"])
+def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path, config):
+    config = CONFIGS / config
     out = tmp_path / "run"
-    log = _run([*TINY, "OUTPUT_DIR", str(out)], tiny_digitscapes)
+    log = _run([*TINY, "OUTPUT_DIR", str(out)], tiny_digitscapes, config)
     assert (out / "model_0000001.pth").is_file() and (out / "model_final.pth").is_file()
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
-    metrics = json.loads((out / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]
+    metrics = json.loads((out / "inference" / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]
     assert 0.0 <= metrics["mIoU"] <= 100.0 and 0.0 <= metrics["ECE"] <= 100.0
     assert {f"IoU-{c}" for c in DIGITSCAPES_CLASSES} <= set(metrics)
     assert "RESULT digitscapes_val: mIoU" in log
@@ -71,13 +75,25 @@ def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path):
     _run(
         ["--eval-only", *TINY, "MODEL.WEIGHTS", str(out / "model_final.pth"), "OUTPUT_DIR", str(eval_out)],
         tiny_digitscapes,
+        config,
     )
-    again = json.loads((eval_out / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]
+    again = json.loads((eval_out / "inference" / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]
     assert again == pytest.approx(metrics, nan_ok=True)
 
     # --resume continues from the last checkpoint instead of starting over
-    log = _run(["--resume", *TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(out)], tiny_digitscapes)
+    log = _run(["--resume", *TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(out)], tiny_digitscapes, config)
     assert "Starting training from iteration 4" in log
+
+    checkpoint = torch.load(out / "model_final.pth", weights_only=True)
+    assert "optimizer" in checkpoint["trainer"]["_trainer"]  # SGD momentum survives a resume
+    hooks = checkpoint["trainer"]["hooks"]
+    assert "RNGStateHook" in hooks
+    if "gmmseg" in config.name:
+        assert "sem_seg_head.gmm_predictor.gmm.means" in checkpoint["model"]
+        assert int(hooks["GMMEMHook"]["memory"]["count"].sum()) > 0
+        assert "GMM memory restored" in log
+    else:
+        assert "GMMEMHook" not in hooks
 
 
 @pytest.mark.slow
@@ -113,6 +129,6 @@ def test_two_cpu_processes_train_and_evaluate(tiny_digitscapes, tmp_path):
         tiny_digitscapes,
     )
     assert "world size: 2" in log.lower() or "Rank of current process: 0. World size: 2" in log
-    metrics = json.loads((out / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]
+    metrics = json.loads((out / "inference" / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]
     assert 0.0 <= metrics["mIoU"] <= 100.0
     assert (out / "model_final.pth").is_file()

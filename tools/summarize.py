@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Print a Markdown table of the headline metrics saved by train_net.py (``<output_dir>/metrics.json``).
+"""Print a Markdown table of the headline metrics that train_net.py saves in
+``<output_dir>/inference/metrics.json``.
 
 python tools/summarize.py output/digitscapes/deeplabv3plus_R18_softmax [more output dirs ...]
 """
@@ -16,7 +17,7 @@ COLUMNS = (("sem_seg", "mIoU"), ("sem_seg", "pACC"), ("sem_seg", "mACC"), ("sem_
 
 
 def rows(output_dir: Path) -> list[list[str]]:
-    path = output_dir / "metrics.json"
+    path = output_dir / "inference" / "metrics.json"
     if not path.is_file():
         raise SystemExit(f"{path}: missing (run train_net.py with OUTPUT_DIR {output_dir} first)")
     out = []

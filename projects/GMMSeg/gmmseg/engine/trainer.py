@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import weakref
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -20,7 +27,22 @@ from gmmseg.data.dataset_mapper import SemanticDatasetMapper
 from gmmseg.evaluation.sem_seg import SemSegEvaluator
 from gmmseg.solver import build_lr_scheduler
 
-__all__ = ["GMMSegTrainer", "wrap_distributed"]
+from .hooks import GMMEMHook, RNGStateHook, find_gmm_predictors
+
+__all__ = ["GMMSegTrainer", "ResumableTrainingSampler", "wrap_distributed"]
+
+
+class ResumableTrainingSampler(TrainingSampler):
+    """Detectron2's infinite shuffled sampler, able to start ``skip`` samples (per process) into its
+    stream, so that a resumed run reads the batches an uninterrupted run would have read."""
+
+    def __init__(self, size: int, shuffle: bool = True, seed: int | None = None, skip: int = 0) -> None:
+        super().__init__(size, shuffle=shuffle, seed=seed)
+        self._skip = skip
+
+    def __iter__(self):
+        start = self._rank + self._skip * self._world_size
+        yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
 
 
 def wrap_distributed(model: nn.Module, device: str) -> nn.Module:
@@ -70,8 +92,66 @@ class GMMSegTrainer(DefaultTrainer):
         return DatasetEvaluators(evaluators)
 
     @classmethod
-    def build_train_loader(cls, cfg: CfgNode):
-        return build_detection_train_loader(cfg, mapper=SemanticDatasetMapper(cfg, is_train=True))
+    def build_train_loader(cls, cfg: CfgNode, start_iter: int = 0):
+        """The training loader; ``start_iter`` > 0 skips the batches of the iterations already done.
+
+        With ``SEED >= 0`` the sample order depends only on the seed, so a resumed run continues the
+        same stream (exact for datasets of one aspect ratio, like DigitScapes; with aspect-ratio grouping
+        of mixed sizes, batch composition may differ slightly).
+        """
+        mapper = SemanticDatasetMapper(cfg, is_train=True)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            return build_detection_train_loader(cfg, mapper=mapper)
+        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        skip = start_iter * cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        sampler = ResumableTrainingSampler(len(dataset), seed=seed, skip=skip)
+        loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
+        # A DataLoader draws its workers' base seed from the global torch generator when its iterator
+        # starts (lazily, inside the first training step); a dedicated generator keeps dropout & co. on
+        # the global one identical between an uninterrupted and a resumed run.
+        torch_loader = (
+            loader if isinstance(loader, torch.utils.data.DataLoader) else getattr(loader, "dataset", None)
+        )
+        if isinstance(torch_loader, torch.utils.data.DataLoader):
+            torch_loader.generator = torch.Generator().manual_seed(seed)
+        return loader
+
+    def build_hooks(self):
+        """Detectron2's hooks plus, before the checkpointer (so checkpoints hold this step's memory),
+        the RNG-state hook and, for GMM models, the EM hook that owns the memory."""
+        hook_list = super().build_hooks()
+        extra = [RNGStateHook()]
+        predictors = find_gmm_predictors(self._trainer.model)
+        if len(predictors) > 1:
+            raise ValueError(f"found {len(predictors)} GMMPredictor modules; GMMSegTrainer supports one")
+        if predictors:
+            extra.append(GMMEMHook.from_config(self.cfg, predictors[0]))
+        position = next(
+            (i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicCheckpointer)), len(hook_list)
+        )
+        return hook_list[:position] + extra + hook_list[position:]
+
+    def state_dict(self) -> dict:
+        """Detectron2 v0.6's DefaultTrainer leaves the optimizer out of its checkpoints, so a resumed run
+        restarted SGD momentum (and, until the scheduler stepped, the learning rate); keep it in."""
+        state = super().state_dict()
+        state["_trainer"] = self._trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logging.getLogger(__name__).warning("checkpoint has no optimizer state: SGD momentum restarts")
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:  # continue the data stream where the checkpointed run stopped
+            loader = self.build_train_loader(self.cfg, start_iter=self.start_iter)
+            self._trainer.data_loader = loader
+            self._trainer._data_loader_iter = iter(loader)
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):

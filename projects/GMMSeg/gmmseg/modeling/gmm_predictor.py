@@ -1,0 +1,183 @@
+"""The GMM predictor that replaces a segmentation head's softmax 1x1 convolution.
+
+Data flow (one way): decoder features -> 1x1 projection (+norm +ReLU) -> LayerNorm -> L2 normalisation
+= embeddings (D dims) -> per-class Gaussian mixtures = component log-likelihoods (C x K) -> class scores
+(max or log-mean-exp over K) -> LayerNorm over the C scores (learned per-class scale/shift, as the
+reference) -> logits. Training back-propagates the cross-entropy of the logits (and a small cross-entropy
+over the C*K components) into the embeddings only: the mixture parameters are buffers, fitted by EM.
+
+The labelled embeddings of each training step, with their classes and whether they were classified
+correctly, are handed to ``GMMEMHook`` through ``pop_em_batch``; the hook, which owns the memory and the EM
+update, never needs a second forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import CfgNode
+from detectron2.layers import Conv2d, get_norm
+from detectron2.projects.deeplab.loss import DeepLabCE
+from torch import Tensor, nn
+
+from gmmseg.gmm import GaussianMixtureClassifier, e_step
+
+__all__ = ["GMMPredictor"]
+
+
+class GMMPredictor(nn.Module):
+    """Pixel embeddings and GMM class scores for a (N, in_channels, H, W) feature map."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        embed_dim: int = 64,
+        num_components: int = 5,
+        norm: str = "BN",
+        class_score: str = "wta",
+        logit_norm: str = "layernorm",
+        e_step_method: str = "sinkhorn",
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_iters: int = 3,
+        component_loss_weight: float = 0.01,
+        enqueue_correct_only: bool = True,
+        ignore_value: int = 255,
+        loss_type: str = "cross_entropy",
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_components = num_components
+        self.embed_dim = embed_dim
+        self.e_step_method = e_step_method
+        self.sinkhorn_epsilon = sinkhorn_epsilon
+        self.sinkhorn_iters = sinkhorn_iters
+        self.component_loss_weight = component_loss_weight
+        self.enqueue_correct_only = enqueue_correct_only
+        self.ignore_value = ignore_value
+        if loss_type not in ("cross_entropy", "hard_pixel_mining"):
+            raise ValueError(f"loss_type must be 'cross_entropy' or 'hard_pixel_mining', got {loss_type!r}")
+        # DeepLab's bootstrapped cross-entropy (the hardest 20% of pixels), as the softmax DeepLab head
+        self.hard_pixel_loss = (
+            DeepLabCE(ignore_label=ignore_value, top_k_percent_pixels=0.2)
+            if loss_type == "hard_pixel_mining"
+            else None
+        )
+        self.projection = Conv2d(
+            in_channels,
+            embed_dim,
+            kernel_size=1,
+            bias=not norm,
+            norm=get_norm(norm, embed_dim),
+            activation=F.relu,
+        )
+        nn.init.kaiming_normal_(self.projection.weight, mode="fan_out", nonlinearity="relu")
+        self.feature_norm = nn.LayerNorm(embed_dim)
+        self.gmm = GaussianMixtureClassifier(num_classes, num_components, embed_dim, score=class_score)
+        self.logit_norm = nn.LayerNorm(num_classes) if logit_norm == "layernorm" else nn.Identity()
+        self._em_batch: dict[str, Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, in_channels: int, loss_type: str = "cross_entropy") -> GMMPredictor:
+        """Predictor from ``MODEL.GMM`` and the head's class count, norm and ignore value; ``loss_type``
+        follows the head being replaced (DeepLab: ``MODEL.SEM_SEG_HEAD.LOSS_TYPE``; FPN: cross-entropy)."""
+        gmm = cfg.MODEL.GMM
+        return cls(
+            in_channels,
+            cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            embed_dim=gmm.EMBED_DIM,
+            num_components=gmm.NUM_COMPONENTS,
+            norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
+            class_score=gmm.CLASS_SCORE,
+            logit_norm=gmm.LOGIT_NORM,
+            e_step_method=gmm.E_STEP,
+            sinkhorn_epsilon=gmm.SINKHORN_EPSILON,
+            sinkhorn_iters=gmm.SINKHORN_ITERS,
+            component_loss_weight=gmm.COMPONENT_LOSS_WEIGHT,
+            enqueue_correct_only=gmm.ENQUEUE_CORRECT_ONLY,
+            ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            loss_type=loss_type,
+        )
+
+    def embed(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) -> (N, H, W, D) unit-length embeddings."""
+        e = self.projection(x).permute(0, 2, 3, 1)
+        return F.normalize(self.feature_norm(e), dim=-1)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Embeddings (N, H, W, D), component log-likelihoods (N, H, W, C, K), class scores
+        ``log p(x|c)`` (N, H, W, C), and the logits (N, C, H, W) that the posterior is the softmax of."""
+        embeddings = self.embed(x)
+        component = self.gmm.component_log_prob(embeddings)
+        class_scores = self.gmm.class_log_prob(embeddings, component)
+        logits = self.logit_norm(class_scores).permute(0, 3, 1, 2)
+        return {
+            "embeddings": embeddings,
+            "component_log_prob": component,
+            "class_log_prob": class_scores,
+            "logits": logits,
+        }
+
+    @staticmethod
+    def anomaly_map(outputs: dict[str, Tensor]) -> Tensor:
+        """(N, H, W) anomaly score ``-max_c log p(x|c)``, from the generative scores (before any
+        normalisation across classes)."""
+        return -outputs["class_log_prob"].amax(dim=-1)
+
+    def losses(self, outputs: dict[str, Tensor], targets: Tensor, logits_full: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy of the posteriors at label resolution (``logits_full``, already upsampled by the
+        head), plus the component loss at feature resolution; stores the EM batch for the hook.
+
+        A batch without any labelled pixel gives exact zeros (not NaN), with the graph kept connected.
+        """
+        labelled = (targets != self.ignore_value).sum()
+        if self.hard_pixel_loss is not None and bool(labelled > 0):
+            loss_sem_seg = self.hard_pixel_loss(logits_full, targets)
+        else:
+            loss_sem_seg = F.cross_entropy(
+                logits_full, targets, ignore_index=self.ignore_value, reduction="sum"
+            )
+            loss_sem_seg = loss_sem_seg / labelled.clamp_min(1)
+
+        n, h, w, _ = outputs["class_log_prob"].shape
+        labels = F.interpolate(targets[:, None].float(), size=(h, w), mode="nearest").long().reshape(-1)
+        labels = torch.where((labels >= 0) & (labels < self.num_classes), labels, torch.full_like(labels, -1))
+        valid = labels >= 0
+        component = outputs["component_log_prob"].reshape(n * h * w, self.num_classes, self.num_components)
+        if self.component_loss_weight > 0 and bool(valid.any()):
+            # targets: each pixel's component under this process's own E-step (the hook's E-step for
+            # the memory runs on the batch gathered from all processes instead)
+            _, assignment = self.e_step(component.detach(), labels)
+            target = labels[valid] * self.num_components + assignment[valid]
+            flat = component[valid].reshape(-1, self.num_classes * self.num_components)
+            loss_component = F.cross_entropy(flat, target) * self.component_loss_weight
+        else:  # keep the graph connected (DDP) with an exact zero
+            loss_component = component.sum() * 0.0
+
+        prediction = outputs["logits"].detach().argmax(dim=1).reshape(-1)
+        self._em_batch = {
+            "embeddings": outputs["embeddings"].detach().reshape(-1, self.embed_dim)[valid],
+            "labels": labels[valid],
+            "correct": (prediction == labels)[valid],
+        }
+        return {"loss_sem_seg": loss_sem_seg, "loss_gmm_component": loss_component}
+
+    def e_step(self, component_log_prob: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Assign labelled pixels to their class's components (Sinkhorn or vanilla, hard): returns
+        ``(responsibilities (N, K), assignment (N,))``, assignment -1 for unlabelled pixels."""
+        return e_step(
+            component_log_prob,
+            labels,
+            num_classes=self.num_classes,
+            method=self.e_step_method,
+            hard=True,
+            epsilon=self.sinkhorn_epsilon,
+            n_iters=self.sinkhorn_iters,
+        )
+
+    def pop_em_batch(self) -> dict[str, Tensor] | None:
+        """The last training step's labelled embeddings (P, D), their classes (P,) and whether the model
+        classified them correctly (P,); cleared once taken."""
+        batch, self._em_batch = self._em_batch, None
+        return batch

@@ -1,0 +1,130 @@
+"""GMMEMHook: E-step + memory + M-step after each step, on one and on two processes, and its state."""
+
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from detectron2.utils.events import EventStorage
+
+from gmmseg.engine.hooks import GMMEMHook
+from gmmseg.modeling import GMMPredictor
+
+C, K, D = 4, 3, 8
+
+
+def _predictor(seed: int = 0) -> GMMPredictor:
+    torch.manual_seed(seed)
+    return GMMPredictor(16, C, embed_dim=D, num_components=K, norm="", enqueue_correct_only=True)
+
+
+def _step_data(seed: int, n: int = 60, classes=(0, 1)):
+    g = torch.Generator().manual_seed(seed)
+    emb = F.normalize(torch.randn(n, D, generator=g), dim=1)
+    labels = torch.tensor(classes)[torch.randint(0, len(classes), (n,), generator=g)]
+    correct = torch.rand(n, generator=g) > 0.2
+    return emb, labels, correct
+
+
+def _run_hook(hook: GMMEMHook, predictor: GMMPredictor, steps: list[tuple], rank: int = 0, world: int = 1):
+    """Feed each step's (emb, labels, correct), this rank's share, through the hook as the trainer would."""
+    hook.trainer = types.SimpleNamespace(iter=0, storage=None)
+    with EventStorage(0) as storage:
+        hook.trainer.storage = storage
+        for it, (emb, labels, correct) in enumerate(steps):
+            share = slice(rank, None, world)
+            predictor._em_batch = {
+                "embeddings": emb[share],
+                "labels": labels[share],
+                "correct": correct[share],
+            }
+            hook.trainer.iter = it
+            storage.iter = it
+            hook.after_step()
+        return storage.latest()
+
+
+def test_means_change_after_the_interval_and_only_for_classes_present():
+    predictor = _predictor()
+    hook = GMMEMHook(predictor, capacity=50, max_per_step=10, interval=3, mean_momentum=0.5)
+    means0, stds0 = predictor.gmm.means.clone(), predictor.gmm.stds.clone()
+    steps = [_step_data(s, classes=(0, 2)) for s in range(3)]
+    _run_hook(hook, predictor, steps[:2])
+    assert torch.equal(predictor.gmm.means, means0)  # no M-step before the interval
+    assert hook.memory.count[[0, 2]].sum() > 0 and hook.memory.count[[1, 3]].sum() == 0
+    latest = _run_hook(hook, predictor, steps)
+    changed = (predictor.gmm.means != means0).any(dim=-1).any(dim=-1)
+    assert changed.tolist() == [True, False, True, False]
+    assert torch.equal(predictor.gmm.stds[[1, 3]], stds0[[1, 3]])
+    assert torch.isfinite(predictor.gmm.means).all() and (predictor.gmm.stds >= 0.1 - 1e-6).all()
+    assert torch.allclose(predictor.gmm.means.norm(dim=-1), torch.ones(C, K), atol=1e-5)
+    assert {"gmm/em_time", "gmm/memory_fill", "gmm/mean_shift", "gmm/enqueued"} <= set(latest)
+
+
+def test_only_correct_pixels_enter_the_memory():
+    predictor = _predictor()
+    hook = GMMEMHook(predictor, capacity=500, max_per_step=1000, interval=100)
+    emb, labels, correct = _step_data(0, n=40)
+    _run_hook(hook, predictor, [(emb, labels, correct)])
+    assert int(hook.memory.count.sum()) == int(correct.sum())
+
+
+def test_class_never_seen_keeps_its_initial_mixture_and_no_nan():
+    predictor = _predictor()
+    hook = GMMEMHook(predictor, capacity=20, max_per_step=5, interval=1)
+    init = predictor.gmm.means[3].clone()
+    _run_hook(hook, predictor, [_step_data(s, classes=(0,)) for s in range(4)] + [_step_data(9, n=0)])
+    assert torch.equal(predictor.gmm.means[3], init)
+    assert torch.isfinite(predictor.gmm.means).all() and torch.isfinite(predictor.gmm.stds).all()
+
+
+def test_state_dict_round_trip_restores_memory_and_seen_classes():
+    predictor = _predictor()
+    hook = GMMEMHook(predictor, capacity=30, max_per_step=7, interval=10)
+    _run_hook(hook, predictor, [_step_data(s) for s in range(3)])
+    other = GMMEMHook(_predictor(seed=1), capacity=30, max_per_step=7, interval=10)
+    other.load_state_dict(hook.state_dict())
+    for key, value in hook.memory.state_dict().items():
+        assert torch.equal(other.memory.state_dict()[key], value), key
+    assert torch.equal(other.seen, hook.seen) and other.seen[:2].all()
+
+
+def _two_process_worker(rank: int, init_file: str, steps, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        predictor = _predictor()
+        hook = GMMEMHook(predictor, capacity=40, max_per_step=6, interval=2, mean_momentum=0.9)
+        _run_hook(hook, predictor, steps, rank=rank, world=2)
+        torch.save(
+            {"means": predictor.gmm.means, "stds": predictor.gmm.stds, "memory": hook.memory.state_dict()},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_match_each_other_and_one_process_on_the_global_batch(tmp_path):
+    steps = [_step_data(s, n=50, classes=(0, 1, 2)) for s in range(5)]
+    mp.spawn(_two_process_worker, args=(str(tmp_path / "init"), steps, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+
+    predictor = _predictor()
+    hook = GMMEMHook(predictor, capacity=40, max_per_step=6, interval=2, mean_momentum=0.9)
+    # one process sees the global batch in the order the gather produces: rank 0's share, then rank 1's
+    reordered = [tuple(torch.cat([t[0::2], t[1::2]]) for t in step) for step in steps]
+    _run_hook(hook, predictor, reordered)
+
+    for key in ("means", "stds"):
+        assert torch.equal(r0[key], r1[key]), key
+    assert torch.allclose(r0["means"], predictor.gmm.means, atol=1e-6)
+    assert torch.allclose(r0["stds"], predictor.gmm.stds, atol=1e-6)
+    assert not torch.equal(predictor.gmm.means, _predictor().gmm.means)  # EM did run
+    for key, value in hook.memory.state_dict().items():
+        assert torch.equal(r0["memory"][key], r1["memory"][key]), key
+        assert torch.allclose(r0["memory"][key].double(), value.double(), atol=1e-9), key

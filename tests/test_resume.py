@@ -1,0 +1,108 @@
+"""An interrupted GMMSeg run resumed with --resume ends bit-identical to an uninterrupted one (CPU, fixed
+seed): model weights, GMM means/stds, memory, optimizer state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import HookBase
+from detectron2.utils.env import seed_all_rng
+
+from gmmseg import add_gmmseg_config
+from gmmseg.data.digitscapes import generate_digitscapes
+from gmmseg.data.folder_dataset import register_folder_dataset
+from gmmseg.engine import GMMSegTrainer
+from gmmseg.engine.hooks import GMMEMHook
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _Crash(HookBase):
+    """Simulates a crash after a given iteration (after the checkpointer has run for it)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def after_step(self) -> None:
+        if self.trainer.iter == self.at:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def _cfg(out: Path):
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / "digitscapes" / "deeplabv3plus_R18_gmmseg.yaml"))
+    cfg.merge_from_list(
+        [
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "SOLVER.MAX_ITER",
+            "8",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "4",
+            "SOLVER.WARMUP_ITERS",
+            "1",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "MODEL.GMM.UPDATE_INTERVAL",
+            "2",
+            "MODEL.GMM.MEMORY_CAPACITY",
+            "50",
+            "DATASETS.TEST",
+            "()",
+            "OUTPUT_DIR",
+            str(out),
+            "SEED",
+            "3",
+        ]
+    )
+    return cfg
+
+
+def _train(cfg, resume: bool, crash_at: int | None = None) -> GMMSegTrainer:
+    seed_all_rng(cfg.SEED)
+    trainer = GMMSegTrainer(cfg)
+    if crash_at is not None:
+        trainer.register_hooks([_Crash(crash_at)])
+    trainer.resume_or_load(resume=resume)
+    if crash_at is None:
+        trainer.train()
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    return trainer
+
+
+def _state(trainer: GMMSegTrainer) -> dict[str, torch.Tensor]:
+    state = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
+    hook = next(h for h in trainer._hooks if isinstance(h, GMMEMHook))
+    state.update({f"memory.{k}": v for k, v in hook.memory.state_dict().items()})
+    opt = trainer.optimizer.state_dict()["state"]
+    state.update({f"opt.{i}.{k}": v for i, s in opt.items() for k, v in s.items() if torch.is_tensor(v)})
+    return state
+
+
+@pytest.mark.slow
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
+    root = tmp_path / "datasets"
+    register_folder_dataset(
+        generate_digitscapes(str(root), image_size=64, counts={"train": 10, "val": 0, "anomaly_val": 0})
+    )
+    straight = _state(_train(_cfg(tmp_path / "straight"), resume=False))
+
+    crashed_cfg = _cfg(tmp_path / "crashed")
+    _train(crashed_cfg, resume=False, crash_at=5)  # checkpoint written after iteration 3, crash in 5
+    assert (tmp_path / "crashed" / "last_checkpoint").read_text().strip() == "model_0000003.pth"
+    resumed = _train(crashed_cfg, resume=True)
+    assert resumed.start_iter == 4
+    after = _state(resumed)
+
+    assert set(after) == set(straight)
+    different = [k for k in straight if not torch.equal(straight[k], after[k])]
+    assert not different, different
+    assert int(after["memory.count"].sum()) > 0
