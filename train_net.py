@@ -31,16 +31,22 @@ class Trainer(GMMSegTrainer):
     """The project's trainer (data mapper, evaluators, poly LR, CPU-capable DDP); extend it here."""
 
 
-def setup(args) -> CfgNode:
-    """Config from defaults + project keys + file + command line, validated before anything runs."""
+def load_config(args) -> CfgNode:
+    """Config from defaults + project keys + file + command line."""
     cfg = get_cfg()
     add_gmmseg_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    return cfg
+
+
+def setup(args) -> CfgNode:
+    """The config, validated before anything runs or is written, then Detectron2's usual set-up."""
+    cfg = load_config(args)
+    validate_gmmseg_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gmmseg")
-    validate_gmmseg_config(cfg)
     return cfg
 
 
@@ -87,15 +93,6 @@ def main(args):
     return results
 
 
-def configured_device(args) -> str:
-    """MODEL.DEVICE from the config file and overrides, read before the processes are started."""
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    return cfg.MODEL.DEVICE
-
-
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
@@ -106,5 +103,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
-        device=configured_device(args),
+        device=load_config(args).MODEL.DEVICE,  # NCCL on GPUs, gloo on CPU
     )

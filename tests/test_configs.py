@@ -1,0 +1,181 @@
+"""The YAML configs under configs/: they load, softmax/GMMSeg pairs differ only in the head, the paper
+configs carry the paper's settings, and every model builds on CPU with the right number of classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+
+from gmmseg import add_gmmseg_config
+from gmmseg import modeling as _modeling  # noqa: F401  (registers the heads and meta-architectures)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ALL_YAMLS = sorted(CONFIGS.rglob("*.yaml"))
+LEAFS = [p for p in ALL_YAMLS if not p.name.startswith("Base-")]
+SOFTMAX_LEAFS = [p for p in LEAFS if p.stem.endswith("_softmax")]
+GMMSEG_LEAFS = [p for p in LEAFS if p.stem.endswith("_gmmseg")]
+
+# What the paper configs must say, per dataset folder (classes, crop, schedule, datasets).
+PAPER = {
+    "cityscapes": {
+        "classes": 19,
+        "crop": [768, 768],
+        "max_iter": 90000,
+        "train": ("cityscapes_fine_sem_seg_train",),
+        "test": ("cityscapes_fine_sem_seg_val",),
+        "builtin": True,
+    },
+    "ade20k": {
+        "classes": 150,
+        "crop": [512, 512],
+        "max_iter": 160000,
+        "train": ("ade20k_sem_seg_train",),
+        "test": ("ade20k_sem_seg_val",),
+        "builtin": True,
+    },
+    "coco_stuff": {
+        "classes": 171,
+        "crop": [512, 512],
+        "max_iter": 80000,
+        "train": ("coco_2017_train_stuff_sem_seg",),
+        "test": ("coco_2017_val_stuff_sem_seg",),
+        "builtin": False,  # registered by a later issue
+    },
+}
+PAPER_LEAFS = [p for p in LEAFS if p.parent.name in PAPER]
+CLASSES = {"digitscapes": 12, **{name: spec["classes"] for name, spec in PAPER.items()}}
+HEAD_PAIRS = {"DeepLabV3PlusHead": "GMMDeepLabV3PlusHead", "SemSegFPNHead": "GMMSemSegFPNHead"}
+# The reference GMMSeg values (D, K, memory, per step, interval, momentum, Sinkhorn eps and iterations).
+GMM_REFERENCE = {
+    "EMBED_DIM": 64,
+    "NUM_COMPONENTS": 5,
+    "MEMORY_CAPACITY": 32000,
+    "MEMORY_PER_STEP": 20,
+    "UPDATE_INTERVAL": 5,
+    "MEAN_MOMENTUM": 0.999,
+    "SINKHORN_EPSILON": 0.05,
+    "SINKHORN_ITERS": 3,
+}
+SYNC_NORMS = ("SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
+
+
+def _id(path: Path) -> str:
+    return str(path.relative_to(CONFIGS))
+
+
+def load(path: Path) -> CfgNode:
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.merge_from_file(str(path))
+    return cfg
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def test_configs_exist():
+    assert {p.parent.name for p in PAPER_LEAFS} == set(PAPER)
+    for name in PAPER:
+        stems = {p.stem for p in PAPER_LEAFS if p.parent.name == name}
+        assert stems == {
+            "deeplabv3plus_R101_softmax",
+            "deeplabv3plus_R101_gmmseg",
+            "fpn_R101_softmax",
+            "fpn_R101_gmmseg",
+        }, name
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=_id)
+def test_config_merges(path):
+    cfg = load(path)
+    assert cfg.MODEL.META_ARCHITECTURE == "PosteriorSemanticSegmentor"
+    assert path.read_text().startswith("#"), f"{_id(path)} must start with a comment saying what it is"
+
+
+def test_every_gmmseg_leaf_has_a_softmax_partner():
+    softmax = {p.with_name(p.name.replace("_softmax", "_gmmseg")) for p in SOFTMAX_LEAFS}
+    assert softmax == set(GMMSEG_LEAFS)
+
+
+@pytest.mark.parametrize("softmax_path", SOFTMAX_LEAFS, ids=_id)
+def test_pair_differs_only_in_head(softmax_path):
+    gmm_path = softmax_path.with_name(softmax_path.name.replace("_softmax", "_gmmseg"))
+    assert gmm_path.is_file(), f"{_id(softmax_path)} has no GMMSeg partner {_id(gmm_path)}"
+    softmax, gmm = flatten(load(softmax_path)), flatten(load(gmm_path))
+    assert softmax.keys() == gmm.keys()
+    differing = {k for k in softmax if softmax[k] != gmm[k]}
+    allowed = {
+        k for k in differing if k in ("MODEL.SEM_SEG_HEAD.NAME", "OUTPUT_DIR") or k.startswith("MODEL.GMM.")
+    }
+    assert differing == allowed, (
+        f"{_id(softmax_path)} and {_id(gmm_path)} differ in {sorted(differing - allowed)}"
+    )
+    assert HEAD_PAIRS[softmax["MODEL.SEM_SEG_HEAD.NAME"]] == gmm["MODEL.SEM_SEG_HEAD.NAME"]
+    assert softmax["OUTPUT_DIR"] != gmm["OUTPUT_DIR"]
+
+
+@pytest.mark.parametrize("path", PAPER_LEAFS, ids=_id)
+def test_paper_config_settings(path):
+    cfg, spec = load(path), PAPER[path.parent.name]
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == spec["classes"]
+    assert cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE == 255
+    assert cfg.MODEL.DEVICE == "cuda"  # Detectron2's default
+    assert cfg.MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RESNETS.NORM == "SyncBN"
+    assert cfg.MODEL.WEIGHTS.startswith("detectron2://")
+    assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == (spec["train"], spec["test"])
+    assert cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute"
+    assert list(cfg.INPUT.CROP.SIZE) == spec["crop"] and cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 1.0
+    assert cfg.INPUT.RANDOM_FLIP == "horizontal"
+    assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR" and cfg.SOLVER.POLY_LR_POWER == 0.9
+    assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.MAX_ITER == spec["max_iter"]
+    assert cfg.OUTPUT_DIR == f"./output/{path.parent.name}/{path.stem}"
+    for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST:
+        if spec["builtin"]:
+            assert name in DatasetCatalog.list(), f"{name} is not one of Detectron2's builtin datasets"
+        if name in DatasetCatalog.list():  # the class count and ignore label agree with the metadata
+            meta = MetadataCatalog.get(name)
+            assert len(meta.stuff_classes) == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+            assert meta.ignore_label == cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+
+
+@pytest.mark.parametrize("path", [p for p in GMMSEG_LEAFS if p.parent.name in PAPER], ids=_id)
+def test_paper_gmmseg_configs_use_reference_gmm_values(path):
+    defaults = get_cfg()
+    add_gmmseg_config(defaults)
+    gmm = load(path).MODEL.GMM
+    assert gmm == defaults.MODEL.GMM
+    assert {k: gmm[k] for k in GMM_REFERENCE} == GMM_REFERENCE
+
+
+@pytest.mark.parametrize("path", LEAFS, ids=_id)
+def test_model_builds_on_cpu(path):
+    cfg = load(path)
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""]
+    for key in ("MODEL.RESNETS.NORM", "MODEL.SEM_SEG_HEAD.NORM", "MODEL.FPN.NORM"):
+        if flatten(cfg)[key] in SYNC_NORMS:  # SyncBN needs a process group (and GPUs) to train
+            opts += [key, "BN"]
+    cfg.merge_from_list(opts)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    head, num_classes = model.sem_seg_head, CLASSES[path.parent.name]
+    assert type(model).__name__ == "PosteriorSemanticSegmentor"
+    assert type(head).__name__ == cfg.MODEL.SEM_SEG_HEAD.NAME
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    if cfg.MODEL.SEM_SEG_HEAD.NAME.startswith("GMM"):
+        gmm = cfg.MODEL.GMM
+        assert head.gmm_predictor.num_classes == num_classes
+        assert tuple(head.gmm_predictor.gmm.means.shape) == (num_classes, gmm.NUM_COMPONENTS, gmm.EMBED_DIM)
+    else:
+        assert head.predictor.out_channels == num_classes
