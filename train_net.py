@@ -25,6 +25,7 @@ from detectron2.utils.logger import setup_logger
 
 from gmmseg import add_gmmseg_config, validate_gmmseg_config
 from gmmseg.engine import GMMSegTrainer, launch
+from gmmseg.evaluation.report import markdown_table, results_rows
 
 
 class Trainer(GMMSegTrainer):
@@ -50,23 +51,16 @@ def setup(args) -> CfgNode:
     return cfg
 
 
-def write_summary(cfg: CfgNode, results: OrderedDict) -> None:
-    """Print one line per test set with the headline numbers and save all metrics to
-    ``OUTPUT_DIR/inference/metrics.json`` (``OUTPUT_DIR/metrics.json`` is Detectron2's training log)."""
+def write_summary(cfg: CfgNode, results: OrderedDict | None) -> None:
+    """Print one table (mIoU, ECE, and AUROC / AP / FPR95 per anomaly score) for all test sets and save
+    all metrics to ``OUTPUT_DIR/inference/metrics.json`` (``OUTPUT_DIR/metrics.json`` is Detectron2's
+    training log)."""
     if not comm.is_main_process() or not results:
         return
     # DefaultTrainer.test unwraps the per-dataset dict when there is a single test set
     per_dataset = {cfg.DATASETS.TEST[0]: results} if len(cfg.DATASETS.TEST) == 1 else results
-    logger = logging.getLogger("gmmseg")
-    for name, res in per_dataset.items():
-        sem = res.get("sem_seg", {})
-        logger.info(
-            "RESULT %s: mIoU %.2f  pACC %.2f  ECE %.2f",
-            name,
-            sem.get("mIoU", float("nan")),
-            sem.get("pACC", float("nan")),
-            sem.get("ECE", float("nan")),
-        )
+    table = markdown_table(results_rows(os.path.basename(os.path.normpath(cfg.OUTPUT_DIR)), per_dataset))
+    logging.getLogger("gmmseg").info("Results:\n%s", table)
     os.makedirs(os.path.join(cfg.OUTPUT_DIR, "inference"), exist_ok=True)
     with open(os.path.join(cfg.OUTPUT_DIR, "inference", "metrics.json"), "w") as f:
         json.dump(per_dataset, f, indent=2)

@@ -101,6 +101,7 @@ def test_gmm_defaults_are_the_reference_values():
         0.01,
     )
     assert (g.MEMORY_DTYPE, g.MEMORY_SAMPLING, g.ENQUEUE_CORRECT_ONLY) == ("float32", "uniform", True)
+    assert g.LOGIT_NORM_INIT_SCALE == 1.0
 
 
 @pytest.mark.parametrize(
@@ -123,6 +124,7 @@ def test_gmm_defaults_are_the_reference_values():
         ("SINKHORN_EPSILON", 0.0),
         ("COMPONENT_LOSS_WEIGHT", -1.0),
         ("ENQUEUE_CORRECT_ONLY", "yes"),
+        ("LOGIT_NORM_INIT_SCALE", 0.0),
     ],
 )
 def test_invalid_gmm_value_names_the_key(cfg, key, value):

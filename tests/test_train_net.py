@@ -67,18 +67,63 @@ def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path, confi
     metrics = json.loads((out / "inference" / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]
     assert 0.0 <= metrics["mIoU"] <= 100.0 and 0.0 <= metrics["ECE"] <= 100.0
     assert {f"IoU-{c}" for c in DIGITSCAPES_CLASSES} <= set(metrics)
-    assert "RESULT digitscapes_val: mIoU" in log
+    assert "| run | digitscapes_val |" in log  # the results table
     assert (out / "inference" / "digitscapes_val" / "sem_seg_evaluation.json").is_file()
+
+    anomaly = json.loads((out / "inference" / "metrics.json").read_text())["digitscapes_anomaly_val"][
+        "anomaly"
+    ]
+    scores = ["gmm"] if "gmmseg" in config.name else ["msp", "entropy", "max_logit", "energy"]
+    for score in scores:
+        for metric in ("AUROC", "AP", "FPR95"):
+            assert 0.0 <= anomaly[f"{score}/{metric}"] <= 100.0
+            assert f"{score}/near/{metric}" in anomaly and f"{score}/far/{metric}" in anomaly
+    assert f"| {scores[0]} |" in log
 
     # --eval-only needs only the weights, and reproduces the training run's final evaluation
     eval_out = tmp_path / "eval"
+    extra = []
+    if "softmax" in config.name:  # the fifth post-hoc score: Mahalanobis, fitted on the training set
+        stats = tmp_path / "mahalanobis.pth"
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "tools" / "fit_mahalanobis.py"),
+                "--config-file",
+                str(config),
+                "--output",
+                str(stats),
+                *TINY,
+                "MODEL.WEIGHTS",
+                str(out / "model_final.pth"),
+            ],
+            cwd=REPO,
+            env={**os.environ, "DETECTRON2_DATASETS": str(tiny_digitscapes)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        extra = ["TEST.MAHALANOBIS_STATS", str(stats)]
     _run(
-        ["--eval-only", *TINY, "MODEL.WEIGHTS", str(out / "model_final.pth"), "OUTPUT_DIR", str(eval_out)],
+        [
+            "--eval-only",
+            *TINY,
+            "MODEL.WEIGHTS",
+            str(out / "model_final.pth"),
+            "OUTPUT_DIR",
+            str(eval_out),
+            *extra,
+        ],
         tiny_digitscapes,
         config,
     )
-    again = json.loads((eval_out / "inference" / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]
-    assert again == pytest.approx(metrics, nan_ok=True)
+    evaluated = json.loads((eval_out / "inference" / "metrics.json").read_text())
+    assert evaluated["digitscapes_val"]["sem_seg"] == pytest.approx(metrics, nan_ok=True)
+    again = evaluated["digitscapes_anomaly_val"]["anomaly"]
+    assert {k: v for k, v in again.items() if k in anomaly} == pytest.approx(anomaly, nan_ok=True)
+    if extra:
+        assert 0.0 <= again["mahalanobis/AUROC"] <= 100.0
 
     # --resume continues from the last checkpoint instead of starting over
     log = _run(["--resume", *TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(out)], tiny_digitscapes, config)

@@ -24,6 +24,22 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.INPUT.DATASET_MAPPER_NAME = "semantic"
     # Number of equal-width confidence bins of the expected calibration error (ECE).
     cfg.TEST.CALIBRATION_BINS = 15
+    # Per-pixel anomaly scores to evaluate (all from the same forward pass): any of "gmm" (GMM heads),
+    # "msp", "entropy", "max_logit", "energy", "mahalanobis". Empty: "gmm" for GMM heads; the four
+    # logit-based ones (+ "mahalanobis" when MAHALANOBIS_STATS is set) for softmax heads.
+    cfg.TEST.ANOMALY_SCORES = []
+    # Class means and shared precision of penultimate features (tools/fit_mahalanobis.py), for "mahalanobis".
+    cfg.TEST.MAHALANOBIS_STATS = ""
+    # Anomaly metrics: "exact" (keeps every scored pixel), "histogram" (streaming, with an error bound),
+    # or "auto" (exact up to ANOMALY_MAX_EXACT_PIXELS pixels per split, then histogram).
+    cfg.TEST.ANOMALY_EVAL_MODE = "auto"
+    cfg.TEST.ANOMALY_MAX_EXACT_PIXELS = 50_000_000
+    cfg.TEST.ANOMALY_NUM_BINS = 65536
+    # Sliding-window inference (the paper's Cityscapes evaluation: window 768, stride 512).
+    cfg.TEST.SLIDING_WINDOW = CN()
+    cfg.TEST.SLIDING_WINDOW.ENABLED = False
+    cfg.TEST.SLIDING_WINDOW.SIZE = (768, 768)
+    cfg.TEST.SLIDING_WINDOW.STRIDE = (512, 512)
 
     # GMMSeg: the generative classifier that replaces a head's softmax predictor (reference values).
     cfg.MODEL.GMM = CN()
@@ -42,6 +58,9 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.MODEL.GMM.E_STEP = "sinkhorn"  # "sinkhorn" (equipartition, GMMSeg) | "vanilla" (plain EM)
     cfg.MODEL.GMM.CLASS_SCORE = "wta"  # "wta": max over components | "mixture": logsumexp - log K
     cfg.MODEL.GMM.LOGIT_NORM = "layernorm"  # over the C class scores before softmax: "layernorm" | "none"
+    # Initial scale (LayerNorm weight) of the normalised class scores: an inverse temperature that the
+    # network otherwise has to learn; 1.0 as the reference. Short schedules profit from a larger start.
+    cfg.MODEL.GMM.LOGIT_NORM_INIT_SCALE = 1.0
     cfg.MODEL.GMM.COMPONENT_LOSS_WEIGHT = 0.01  # cross-entropy over the C*K components (Sinkhorn targets)
     # Only pixels the model classifies correctly enter the memory (reference); False: all labelled pixels.
     cfg.MODEL.GMM.ENQUEUE_CORRECT_ONLY = True
@@ -100,6 +119,7 @@ def validate_gmmseg_config(cfg: CN) -> None:
         "'cpu' or 'cuda[:N]'",
     )
     _validate_gmm(cfg.MODEL.GMM)
+    _validate_test(cfg.TEST)
     if cfg.INPUT.CROP.ENABLED:
         size = list(cfg.INPUT.CROP.SIZE)
         _check(len(size) == 2 and all(s > 0 for s in size), "INPUT.CROP.SIZE", size, "two positive numbers")
@@ -141,11 +161,72 @@ def _validate_gmm(gmm: CN) -> None:
     in_range("VAR_FLOOR", 0.0, float("inf"), low_open=True)
     in_range("SINKHORN_EPSILON", 0.0, float("inf"), low_open=True)
     in_range("COMPONENT_LOSS_WEIGHT", 0.0, float("inf"))
+    in_range("LOGIT_NORM_INIT_SCALE", 0.0, float("inf"), low_open=True)
     _check(
         isinstance(gmm.ENQUEUE_CORRECT_ONLY, bool),
         "MODEL.GMM.ENQUEUE_CORRECT_ONLY",
         gmm.ENQUEUE_CORRECT_ONLY,
         "True or False",
+    )
+
+
+def _validate_test(test: CN) -> None:
+    from gmmseg.modeling.anomaly_scores import SCORE_NAMES
+
+    scores = list(test.ANOMALY_SCORES)
+    _check(
+        all(s in SCORE_NAMES for s in scores) and len(set(scores)) == len(scores),
+        "TEST.ANOMALY_SCORES",
+        scores,
+        f"distinct names among {list(SCORE_NAMES)}",
+    )
+    _check(
+        "mahalanobis" not in scores or bool(test.MAHALANOBIS_STATS),
+        "TEST.MAHALANOBIS_STATS",
+        test.MAHALANOBIS_STATS,
+        "a statistics file (tools/fit_mahalanobis.py) when TEST.ANOMALY_SCORES has 'mahalanobis'",
+    )
+    if test.MAHALANOBIS_STATS:
+        import os
+
+        _check(
+            os.path.isfile(test.MAHALANOBIS_STATS),
+            "TEST.MAHALANOBIS_STATS",
+            test.MAHALANOBIS_STATS,
+            "an existing file (tools/fit_mahalanobis.py writes it)",
+        )
+    _check(
+        test.ANOMALY_EVAL_MODE in ("auto", "exact", "histogram"),
+        "TEST.ANOMALY_EVAL_MODE",
+        test.ANOMALY_EVAL_MODE,
+        "'auto', 'exact' or 'histogram'",
+    )
+    _check(
+        isinstance(test.ANOMALY_MAX_EXACT_PIXELS, int) and test.ANOMALY_MAX_EXACT_PIXELS >= 1,
+        "TEST.ANOMALY_MAX_EXACT_PIXELS",
+        test.ANOMALY_MAX_EXACT_PIXELS,
+        "an integer >= 1",
+    )
+    _check(
+        isinstance(test.ANOMALY_NUM_BINS, int) and test.ANOMALY_NUM_BINS >= 2,
+        "TEST.ANOMALY_NUM_BINS",
+        test.ANOMALY_NUM_BINS,
+        "an integer >= 2",
+    )
+    window = test.SLIDING_WINDOW
+    for key in ("SIZE", "STRIDE"):
+        value = list(getattr(window, key))
+        _check(
+            len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value),
+            f"TEST.SLIDING_WINDOW.{key}",
+            value,
+            "two positive integers (height, width)",
+        )
+    _check(
+        all(st <= sz for st, sz in zip(window.STRIDE, window.SIZE)),
+        "TEST.SLIDING_WINDOW.STRIDE",
+        list(window.STRIDE),
+        f"no larger than TEST.SLIDING_WINDOW.SIZE {list(window.SIZE)} (no gaps)",
     )
 
 

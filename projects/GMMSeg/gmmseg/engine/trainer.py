@@ -11,6 +11,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import (
+    MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
@@ -80,15 +81,37 @@ class GMMSegTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        """Semantic evaluator (mIoU, ECE) where the split has labels; anomaly evaluator (AUROC, AP, FPR95
+        for every anomaly score) where it has ``ood`` maps. DigitScapes' anomaly_val gets both."""
+        from gmmseg.evaluation.anomaly import AnomalyEvaluator
+
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluators = [
-            SemSegEvaluator(
-                dataset_name,
-                distributed=True,
-                output_dir=output_folder,
-                num_calibration_bins=cfg.TEST.CALIBRATION_BINS,
+        meta = MetadataCatalog.get(dataset_name)
+        evaluators = []
+        if meta.get("evaluator_type", "sem_seg") == "sem_seg":
+            evaluators.append(
+                SemSegEvaluator(
+                    dataset_name,
+                    distributed=True,
+                    output_dir=output_folder,
+                    num_calibration_bins=cfg.TEST.CALIBRATION_BINS,
+                )
             )
-        ]
+        if meta.get("has_ood", False) or meta.get("evaluator_type", None) == "anomaly":
+            evaluators.append(
+                AnomalyEvaluator(
+                    dataset_name,
+                    distributed=True,
+                    output_dir=output_folder,
+                    mode=cfg.TEST.ANOMALY_EVAL_MODE,
+                    max_exact_pixels=cfg.TEST.ANOMALY_MAX_EXACT_PIXELS,
+                    num_bins=cfg.TEST.ANOMALY_NUM_BINS,
+                )
+            )
+        if not evaluators:
+            raise ValueError(
+                f"dataset '{dataset_name}' has neither semantic labels nor anomaly maps to evaluate"
+            )
         return DatasetEvaluators(evaluators)
 
     @classmethod

@@ -1,5 +1,6 @@
-"""Detectron2 evaluators for GMMSeg (segmentation quality and posterior calibration)."""
+"""Detectron2 evaluators for GMMSeg (segmentation quality, posterior calibration, anomaly segmentation)."""
 
+from .anomaly import AnomalyEvaluator, ScoreHistogram, anomaly_metrics
 from .sem_seg import (
     SemSegEvaluator,
     calibration_bins,
@@ -10,7 +11,10 @@ from .sem_seg import (
 )
 
 __all__ = [
+    "AnomalyEvaluator",
+    "ScoreHistogram",
     "SemSegEvaluator",
+    "anomaly_metrics",
     "calibration_bins",
     "confusion_matrix",
     "expected_calibration_error",

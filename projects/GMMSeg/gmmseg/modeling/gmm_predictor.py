@@ -38,6 +38,7 @@ class GMMPredictor(nn.Module):
         norm: str = "BN",
         class_score: str = "wta",
         logit_norm: str = "layernorm",
+        logit_norm_init_scale: float = 1.0,
         e_step_method: str = "sinkhorn",
         sinkhorn_epsilon: float = 0.05,
         sinkhorn_iters: int = 3,
@@ -76,6 +77,8 @@ class GMMPredictor(nn.Module):
         self.feature_norm = nn.LayerNorm(embed_dim)
         self.gmm = GaussianMixtureClassifier(num_classes, num_components, embed_dim, score=class_score)
         self.logit_norm = nn.LayerNorm(num_classes) if logit_norm == "layernorm" else nn.Identity()
+        if logit_norm == "layernorm":
+            nn.init.constant_(self.logit_norm.weight, logit_norm_init_scale)
         self._em_batch: dict[str, Tensor] | None = None
 
     @classmethod
@@ -91,6 +94,7 @@ class GMMPredictor(nn.Module):
             norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
             class_score=gmm.CLASS_SCORE,
             logit_norm=gmm.LOGIT_NORM,
+            logit_norm_init_scale=gmm.LOGIT_NORM_INIT_SCALE,
             e_step_method=gmm.E_STEP,
             sinkhorn_epsilon=gmm.SINKHORN_EPSILON,
             sinkhorn_iters=gmm.SINKHORN_ITERS,

@@ -1,0 +1,54 @@
+"""One results table for closed-set and anomaly metrics, shared by train_net.py and tools/summarize.py."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+__all__ = ["HEADER", "results_rows", "markdown_table"]
+
+HEADER = ("model", "dataset", "mIoU", "ECE", "anomaly score", "AUROC", "AP", "FPR95")
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.2f}"
+
+
+def results_rows(model: str, per_dataset: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    """Rows of ``HEADER`` from ``{dataset: {"sem_seg": {...}, "anomaly": {"<score>[/<family>]/AUROC"...}}}``.
+
+    One row per dataset and anomaly score (and per anomaly family, e.g. ``gmm (near)``); mIoU and ECE
+    repeat on each row of their dataset. Metrics are in percent, as the evaluators report them.
+    """
+    rows = []
+    for dataset, results in per_dataset.items():
+        sem = results.get("sem_seg", {}) or {}
+        anomaly = results.get("anomaly", {}) or {}
+        scores: dict[str, dict[str, float]] = {}
+        for key, value in anomaly.items():
+            *name, metric = key.split("/")
+            if metric in ("AUROC", "AP", "FPR95") and len(name) in (1, 2):
+                label = name[0] if len(name) == 1 else f"{name[0]} ({name[1]})"
+                scores.setdefault(label, {})[metric] = value
+        base = (model, dataset, _fmt(sem.get("mIoU")), _fmt(sem.get("ECE")))
+        if not scores:
+            rows.append((*base, "-", "-", "-", "-"))
+        for label, metrics in scores.items():
+            rows.append(
+                (
+                    *base,
+                    label,
+                    _fmt(metrics.get("AUROC")),
+                    _fmt(metrics.get("AP")),
+                    _fmt(metrics.get("FPR95")),
+                )
+            )
+    return rows
+
+
+def markdown_table(rows: list[tuple[str, ...]]) -> str:
+    header = [HEADER[0], HEADER[1], *(f"{h} (%)" if h not in ("anomaly score",) else h for h in HEADER[2:])]
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
