@@ -78,14 +78,46 @@ def read_meta(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _index_by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
+def index_by_stem(folder: str | os.PathLike, extensions: tuple[str, ...]) -> dict[str, Path]:
+    """``{id: path}`` of the files in ``folder`` with one of ``extensions``; two files for one id is an
+    error naming both."""
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in extensions:
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix.lower() in extensions:
             if path.stem in found:
                 raise DatasetFormatError(f"{path}: two files for image id '{path.stem}' ({found[path.stem]})")
             found[path.stem] = path
     return found
+
+
+def pair_by_stem(
+    images_dir: str | os.PathLike,
+    other_dir: str | os.PathLike,
+    image_extensions: tuple[str, ...],
+    kind: str = "label",
+    hint: str = "",
+) -> list[tuple[str, Path, Path]]:
+    """``[(id, image, other)]`` for ``images_dir/<id>.<ext>`` and ``other_dir/<id>.png``, sorted by id.
+
+    Every image needs its ``kind`` file and vice versa: unlike Detectron2's ``load_sem_seg``, which warns
+    and silently uses the intersection, a missing file is an error that names it (with ``hint`` on what
+    to run to create it).
+    """
+    images_dir, other_dir = Path(images_dir), Path(other_dir)
+    images = index_by_stem(images_dir, image_extensions)
+    others = index_by_stem(other_dir, (".png",))
+    if not images:
+        raise DatasetFormatError(f"{images_dir}: no {'/'.join(image_extensions)} images")
+    missing = sorted(set(images) - set(others))
+    if missing:
+        detail = f" ({len(missing)} of {len(images)} images have none; {hint})" if hint else ""
+        raise DatasetFormatError(
+            f"{other_dir / (missing[0] + '.png')}: missing {kind} for image {images[missing[0]]}{detail}"
+        )
+    extra = sorted(set(others) - set(images))
+    if extra:
+        raise DatasetFormatError(f"{others[extra[0]]}: {kind} without an image in {images_dir}")
+    return [(image_id, images[image_id], others[image_id]) for image_id in sorted(images)]
 
 
 def load_folder_split(split_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -104,20 +136,11 @@ def load_folder_split(split_dir: str | os.PathLike) -> list[dict[str, Any]]:
             raise DatasetFormatError(
                 f"{folder}: missing folder (expected images/ and labels/ in {split_dir})"
             )
-    images = _index_by_stem(images_dir, IMAGE_EXTENSIONS)
-    labels = _index_by_stem(labels_dir, (".png",))
-    if not images:
-        raise DatasetFormatError(f"{images_dir}: no .png or .jpg images")
-    missing = sorted(set(images) - set(labels))
-    if missing:
-        raise DatasetFormatError(
-            f"{labels_dir / (missing[0] + '.png')}: missing label for image {images[missing[0]]}"
-        )
-    extra = sorted(set(labels) - set(images))
-    if extra:
-        raise DatasetFormatError(f"{labels[extra[0]]}: label without an image in {images_dir}")
+    pairs = pair_by_stem(images_dir, labels_dir, IMAGE_EXTENSIONS)
+    images = {image_id: image for image_id, image, _ in pairs}
+    labels = {image_id: label for image_id, _, label in pairs}
     optional = {
-        name: _index_by_stem(split_dir / name, (".png",))
+        name: index_by_stem(split_dir / name, (".png",))
         for name in OPTIONAL_MAPS
         if (split_dir / name).is_dir()
     }

@@ -42,7 +42,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -52,7 +52,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from gmmseg.data.folder_dataset import DatasetFormatError, datasets_root
+from gmmseg.data.folder_dataset import DatasetFormatError, datasets_root, pair_by_stem
 
 logger = logging.getLogger(__name__)
 
@@ -354,17 +354,6 @@ def _map_jobs(func: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> 
         return list(pool.map(func, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
 
 
-def _index_by_stem(folder: Path, extensions: Iterable[str]) -> dict[str, Path]:
-    extensions = tuple(extensions)
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in extensions:
-            if path.stem in found:
-                raise DatasetFormatError(f"{path}: two files for image id '{path.stem}' ({found[path.stem]})")
-            found[path.stem] = path
-    return found
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Loaders (called by DatasetCatalog.get)
 # ---------------------------------------------------------------------------------------------------------
@@ -426,26 +415,14 @@ def load_paired_sem_seg(
     image_dir, label_dir = Path(image_dir), Path(label_dir)
     _require_dir(image_dir, f"the images, *{'/'.join(image_extensions)}")
     _require_dir(label_dir, f"the label PNGs ({prepare_hint})")
-    images = _index_by_stem(image_dir, image_extensions)
-    labels = _index_by_stem(label_dir, (".png",))
-    if not images:
-        raise DatasetFormatError(f"{image_dir}: no {'/'.join(image_extensions)} images")
-    missing = sorted(set(images) - set(labels))
-    if missing:
-        raise DatasetFormatError(
-            f"{label_dir / (missing[0] + '.png')}: missing label for {images[missing[0]]} "
-            f"({len(missing)} of {len(images)} images have none; {prepare_hint})"
-        )
-    extra = sorted(set(labels) - set(images))
-    if extra:
-        raise DatasetFormatError(f"{labels[extra[0]]}: label without an image in {image_dir}")
+    pairs = pair_by_stem(image_dir, label_dir, tuple(image_extensions), "label", prepare_hint)
     dicts = []
-    for image_id, image_path in images.items():
+    for image_id, image_path, label_path in pairs:
         width, height = _image_size(image_path)
         dicts.append(
             {
                 "file_name": str(image_path),
-                "sem_seg_file_name": str(labels[image_id]),
+                "sem_seg_file_name": str(label_path),
                 "image_id": image_id,
                 "height": height,
                 "width": width,
@@ -467,31 +444,20 @@ def load_anomaly_folder(
     _require_dir(
         ood_dir, f"the anomaly masks <id>.png with 0 in-distribution, 1 anomaly, 255 void ({prepare_hint})"
     )
-    images = _index_by_stem(image_dir, (".png", ".jpg", ".jpeg", ".webp"))
-    masks = _index_by_stem(ood_dir, (".png",))
-    if not images:
-        raise DatasetFormatError(f"{image_dir}: no .png/.jpg images")
-    missing = sorted(set(images) - set(masks))
-    if missing:
-        raise DatasetFormatError(
-            f"{ood_dir / (missing[0] + '.png')}: missing anomaly mask for {images[missing[0]]}"
-        )
-    extra = sorted(set(masks) - set(images))
-    if extra:
-        raise DatasetFormatError(f"{masks[extra[0]]}: mask without an image in {image_dir}")
+    pairs = pair_by_stem(image_dir, ood_dir, (".png", ".jpg", ".jpeg", ".webp"), "anomaly mask")
     dicts = []
-    for image_id, image_path in images.items():
+    for image_id, image_path, mask_path in pairs:
         width, height = _image_size(image_path)
-        mask_size = _image_size(masks[image_id])
+        mask_size = _image_size(mask_path)
         if mask_size != (width, height):
             raise DatasetFormatError(
-                f"{masks[image_id]}: size {mask_size[0]}x{mask_size[1]} differs from its image {image_path} "
+                f"{mask_path}: size {mask_size[0]}x{mask_size[1]} differs from its image {image_path} "
                 f"({width}x{height})"
             )
         dicts.append(
             {
                 "file_name": str(image_path),
-                "ood_file_name": str(masks[image_id]),
+                "ood_file_name": str(mask_path),
                 "image_id": image_id,
                 "height": height,
                 "width": width,

@@ -29,6 +29,8 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
+from .sem_seg import _json_safe
+
 __all__ = ["anomaly_metrics", "ScoreHistogram", "AnomalyEvaluator"]
 
 logger = logging.getLogger(__name__)
@@ -472,16 +474,6 @@ _CODE_ID, _CODE_ANOMALY = 0, 1
 _FAMILIES = {"near": 1, "far": 2}  # values in ood_family PNGs; code = 1 + family
 _NUM_CODES = 2 + len(_FAMILIES)
 _SUBSETS = {"": (1, 2, 3), **{name: (1 + value,) for name, value in _FAMILIES.items()}}
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _map_numpy(m: Any) -> np.ndarray:
