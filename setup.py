@@ -13,5 +13,5 @@ setup(
     description="GMMSeg: Gaussian-mixture generative semantic segmentation for Detectron2",
     package_dir={"": "projects/GMMSeg"},
     packages=find_packages("projects/GMMSeg"),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
 )
