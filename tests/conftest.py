@@ -52,3 +52,35 @@ def write_folder_dataset(
 def unique_name() -> str:
     """A dataset name no other test registers (Detectron2's catalogs are process-global)."""
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+def run_two_gloo_workers(worker, args: tuple, out_dir: Path, timeout: float = 180) -> tuple:
+    """Start ``worker(rank, *args)`` in 2 spawned processes and return the objects each pickled to
+    ``out_dir/rank<r>.pkl``.
+
+    The processes are joined by hand instead of ``mp.spawn(join=True)``: that kills the other rank as soon
+    as one exits non-zero, and gloo occasionally aborts ("terminate called without an active exception")
+    while tearing down after the work is done. Workers write their results before teardown, so one that
+    failed for real leaves no ``rank*.pkl`` (and a traceback in ``rank*.err``).
+    """
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
+    for proc in ctx.processes:
+        proc.join(timeout=timeout)
+    for proc in ctx.processes:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+            pytest.fail("distributed worker hung")
+    errors = {p.name: p.read_text() for p in out_dir.glob("rank*.err")}
+    assert not errors, errors
+    exitcodes = [proc.exitcode for proc in ctx.processes]
+    assert all(code == 0 or code < 0 for code in exitcodes), exitcodes  # < 0: signal at teardown
+    results = []
+    for rank in range(2):
+        with open(out_dir / f"rank{rank}.pkl", "rb") as f:
+            results.append(pickle.load(f))
+    return tuple(results)

@@ -12,6 +12,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from conftest import run_two_gloo_workers
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -561,8 +562,6 @@ def _dist_worker(rank: int, world_size: int, init_file: str, dicts: list, maps: 
 
 @pytest.mark.slow
 def test_distributed_gather_equals_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
     dicts, maps = make_dataset(tmp_path, seed=3, num_images=6)
     single = {
         key: run_evaluator(AnomalyEvaluator("single", distributed=False, **kw), dicts, maps)["anomaly"]
@@ -570,29 +569,9 @@ def test_distributed_gather_equals_single_process(tmp_path):
         if key != "auto_small"
     }
     skewed_exact = reference_results(dicts, rank_skewed(maps))
-    ctx = mp.start_processes(
-        _dist_worker,
-        args=(2, str(tmp_path / "dist_init"), dicts, maps, str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
+    rank0, rank1 = run_two_gloo_workers(
+        _dist_worker, (2, str(tmp_path / "dist_init"), dicts, maps, str(tmp_path)), tmp_path
     )
-    # Join by hand (see test_sem_seg_evaluator): gloo may abort at teardown after the results are written.
-    for proc in ctx.processes:
-        proc.join(timeout=180)
-    for proc in ctx.processes:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join()
-            pytest.fail("distributed worker hung")
-    errors = {p.name: p.read_text() for p in tmp_path.glob("rank*.err")}
-    assert not errors, errors
-    exitcodes = [proc.exitcode for proc in ctx.processes]
-    assert all(code == 0 or code < 0 for code in exitcodes), exitcodes
-    with open(tmp_path / "rank0.pkl", "rb") as f:
-        rank0 = pickle.load(f)
-    with open(tmp_path / "rank1.pkl", "rb") as f:
-        rank1 = pickle.load(f)
     assert all(v is None for v in rank1.values())  # only the main process reports
 
     for key in ("exact", "fixed_range"):

@@ -13,6 +13,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from conftest import run_two_gloo_workers
 from detectron2.data import MetadataCatalog
 from PIL import Image
 from sklearn.metrics import accuracy_score, jaccard_score, recall_score
@@ -347,36 +348,11 @@ def _dist_worker(rank: int, world_size: int, init_file: str, name: str, images: 
 
 @pytest.mark.slow
 def test_distributed_gather_equals_single_process(tmp_path, dataset_name):
-    import torch.multiprocessing as mp
-
     images = make_images(tmp_path, seed=6, sizes=((10, 12), (7, 9), (15, 6), (8, 8), (3, 11)))
     single = run_evaluator(SemSegEvaluator(dataset_name, distributed=False), images)
-    ctx = mp.start_processes(
-        _dist_worker,
-        args=(2, str(tmp_path / "dist_init"), dataset_name, images, str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
+    rank0, rank1 = run_two_gloo_workers(
+        _dist_worker, (2, str(tmp_path / "dist_init"), dataset_name, images, str(tmp_path)), tmp_path
     )
-    # Join by hand instead of mp.spawn(join=True): that kills the other rank as soon as one exits
-    # non-zero, and gloo occasionally aborts ("terminate called without an active exception") while
-    # tearing down after the work is done. Results are written before teardown, so a worker that
-    # failed for real leaves no rank*.pkl (and a traceback in rank*.err).
-    for proc in ctx.processes:
-        proc.join(timeout=180)
-    for proc in ctx.processes:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join()
-            pytest.fail("distributed worker hung")
-    errors = {p.name: p.read_text() for p in tmp_path.glob("rank*.err")}
-    assert not errors, errors
-    exitcodes = [proc.exitcode for proc in ctx.processes]
-    assert all(code == 0 or code < 0 for code in exitcodes), exitcodes  # < 0: signal at teardown
-    with open(tmp_path / "rank0.pkl", "rb") as f:
-        rank0 = pickle.load(f)
-    with open(tmp_path / "rank1.pkl", "rb") as f:
-        rank1 = pickle.load(f)
     assert rank1 is None  # only the main process reports
     assert rank0.keys() == single.keys()
     for k, v in single["sem_seg"].items():
