@@ -49,6 +49,9 @@ PAPER = {
     },
 }
 PAPER_LEAFS = [p for p in LEAFS if p.parent.name in PAPER]
+PIXEL_PAPER_LEAFS = [p for p in PAPER_LEAFS if not p.stem.startswith("mask2former")]
+MASK2FORMER_PAPER_LEAFS = [p for p in PAPER_LEAFS if p.stem.startswith("mask2former")]
+ARCHITECTURES = ("PosteriorSemanticSegmentor", "PosteriorMaskFormer", "GMMMaskFormer")
 CLASSES = {"digitscapes": 12, **{name: spec["classes"] for name, spec in PAPER.items()}}
 HEAD_PAIRS = {"DeepLabV3PlusHead": "GMMDeepLabV3PlusHead", "SemSegFPNHead": "GMMSemSegFPNHead"}
 # The reference GMMSeg values (D, K, memory, per step, interval, momentum, Sinkhorn eps and iterations).
@@ -94,13 +97,19 @@ def test_configs_exist():
             "deeplabv3plus_R101_gmmseg",
             "fpn_R101_softmax",
             "fpn_R101_gmmseg",
+            "mask2former_SwinL_softmax",
+            "mask2former_SwinL_gmmseg",
         }, name
+    assert {p.stem for p in LEAFS if p.parent.name == "digitscapes"} >= {
+        "mask2former_R18_softmax",
+        "mask2former_R18_gmmseg",
+    }
 
 
 @pytest.mark.parametrize("path", ALL_YAMLS, ids=_id)
 def test_config_merges(path):
     cfg = load(path)
-    assert cfg.MODEL.META_ARCHITECTURE == "PosteriorSemanticSegmentor"
+    assert cfg.MODEL.META_ARCHITECTURE in ARCHITECTURES
     assert path.read_text().startswith("#"), f"{_id(path)} must start with a comment saying what it is"
 
 
@@ -116,17 +125,29 @@ def test_pair_differs_only_in_head(softmax_path):
     softmax, gmm = flatten(load(softmax_path)), flatten(load(gmm_path))
     assert softmax.keys() == gmm.keys()
     differing = {k for k in softmax if softmax[k] != gmm[k]}
-    allowed = {
-        k for k in differing if k in ("MODEL.SEM_SEG_HEAD.NAME", "OUTPUT_DIR") or k.startswith("MODEL.GMM.")
-    }
+    # per-pixel models swap the head; Mask2Former swaps the meta-architecture and the transformer decoder
+    swapped = (
+        "MODEL.SEM_SEG_HEAD.NAME",
+        "MODEL.META_ARCHITECTURE",
+        "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME",
+    )
+    allowed = {k for k in differing if k in (*swapped, "OUTPUT_DIR") or k.startswith("MODEL.GMM.")}
     assert differing == allowed, (
         f"{_id(softmax_path)} and {_id(gmm_path)} differ in {sorted(differing - allowed)}"
     )
-    assert HEAD_PAIRS[softmax["MODEL.SEM_SEG_HEAD.NAME"]] == gmm["MODEL.SEM_SEG_HEAD.NAME"]
+    if softmax["MODEL.META_ARCHITECTURE"] == "PosteriorSemanticSegmentor":
+        assert HEAD_PAIRS[softmax["MODEL.SEM_SEG_HEAD.NAME"]] == gmm["MODEL.SEM_SEG_HEAD.NAME"]
+        assert gmm["MODEL.META_ARCHITECTURE"] == "PosteriorSemanticSegmentor"
+    else:
+        assert (softmax["MODEL.META_ARCHITECTURE"], gmm["MODEL.META_ARCHITECTURE"]) == (
+            "PosteriorMaskFormer",
+            "GMMMaskFormer",
+        )
+        assert gmm["MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME"] == "GMMMultiScaleMaskedTransformerDecoder"
     assert softmax["OUTPUT_DIR"] != gmm["OUTPUT_DIR"]
 
 
-@pytest.mark.parametrize("path", PAPER_LEAFS, ids=_id)
+@pytest.mark.parametrize("path", PIXEL_PAPER_LEAFS, ids=_id)
 def test_paper_config_settings(path):
     cfg, spec = load(path), PAPER[path.parent.name]
     assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == spec["classes"]
@@ -150,13 +171,56 @@ def test_paper_config_settings(path):
             assert meta.ignore_label == cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
 
 
+# Mask2Former's paper settings (Swin-L, ImageNet-22k 384) per dataset: crop, queries, iterations
+MASK2FORMER_PAPER = {
+    "cityscapes": {"crop": [512, 1024], "max_iter": 90000},
+    "ade20k": {"crop": [640, 640], "max_iter": 160000},
+    "coco_stuff": {"crop": [640, 640], "max_iter": 80000},
+}
+
+
+@pytest.mark.parametrize("path", MASK2FORMER_PAPER_LEAFS, ids=_id)
+def test_paper_mask2former_settings(path):
+    cfg, spec = load(path), PAPER[path.parent.name]
+    m2f = MASK2FORMER_PAPER[path.parent.name]
+    assert (
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == spec["classes"] and cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE == 255
+    )
+    assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == (spec["train"], spec["test"])
+    assert cfg.MODEL.BACKBONE.NAME == "D2SwinTransformer"
+    swin = cfg.MODEL.SWIN
+    assert (swin.EMBED_DIM, list(swin.DEPTHS), list(swin.NUM_HEADS), swin.WINDOW_SIZE) == (
+        192,
+        [2, 2, 18, 2],
+        [6, 12, 24, 48],
+        12,
+    )
+    assert cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES == 200 and cfg.MODEL.MASK_FORMER.DEC_LAYERS == 10
+    assert list(cfg.INPUT.CROP.SIZE) == m2f["crop"] and cfg.INPUT.COLOR_AUG_SSD
+    # the paper: AdamW, lr 1e-4, weight decay 0.05, lr / 10 at 0.9 and 0.95 of training
+    solver = cfg.SOLVER
+    assert (solver.OPTIMIZER, solver.BASE_LR, solver.WEIGHT_DECAY) == ("ADAMW", 1e-4, 0.05)
+    assert solver.IMS_PER_BATCH == 16 and solver.MAX_ITER == m2f["max_iter"]
+    assert solver.LR_SCHEDULER_NAME == "WarmupMultiStepLR" and solver.GAMMA == 0.1
+    assert list(solver.STEPS) == [int(0.9 * solver.MAX_ITER), int(0.95 * solver.MAX_ITER)]
+    assert solver.BACKBONE_MULTIPLIER == 0.1 and solver.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
+    assert cfg.OUTPUT_DIR == f"./output/{path.parent.name}/{path.stem}"
+
+
 @pytest.mark.parametrize("path", [p for p in GMMSEG_LEAFS if p.parent.name in PAPER], ids=_id)
 def test_paper_gmmseg_configs_use_reference_gmm_values(path):
     defaults = get_cfg()
     add_gmmseg_config(defaults)
     gmm = load(path).MODEL.GMM
+    reference = dict(GMM_REFERENCE)
+    if path.stem.startswith("mask2former"):  # queries, not pixels, fill the memory (see the config)
+        reference["MEMORY_CAPACITY"] = 1000
+        assert gmm.MEMORY_CAPACITY == 1000
+        gmm = gmm.clone()
+        gmm.MEMORY_CAPACITY = defaults.MODEL.GMM.MEMORY_CAPACITY
+        reference.pop("MEMORY_CAPACITY")
     assert gmm == defaults.MODEL.GMM
-    assert {k: gmm[k] for k in GMM_REFERENCE} == GMM_REFERENCE
+    assert {k: gmm[k] for k in reference} == reference
 
 
 @pytest.mark.parametrize("path", LEAFS, ids=_id)
@@ -170,10 +234,16 @@ def test_model_builds_on_cpu(path):
     torch.manual_seed(0)
     model = build_model(cfg)
     head, num_classes = model.sem_seg_head, CLASSES[path.parent.name]
-    assert type(model).__name__ == "PosteriorSemanticSegmentor"
+    assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
     assert type(head).__name__ == cfg.MODEL.SEM_SEG_HEAD.NAME
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-    if cfg.MODEL.SEM_SEG_HEAD.NAME.startswith("GMM"):
+    if cfg.MODEL.META_ARCHITECTURE == "GMMMaskFormer":  # C + 1 mixtures: the last one is "no object"
+        gmm, predictor = cfg.MODEL.GMM, head.predictor.class_predictor
+        assert predictor.num_classes == num_classes + 1 and not hasattr(head.predictor, "class_embed")
+        assert tuple(predictor.gmm.means.shape) == (num_classes + 1, gmm.NUM_COMPONENTS, gmm.EMBED_DIM)
+    elif cfg.MODEL.META_ARCHITECTURE == "PosteriorMaskFormer":
+        assert head.predictor.class_embed.out_features == num_classes + 1
+    elif cfg.MODEL.SEM_SEG_HEAD.NAME.startswith("GMM"):
         gmm = cfg.MODEL.GMM
         assert head.gmm_predictor.num_classes == num_classes
         assert tuple(head.gmm_predictor.gmm.means.shape) == (num_classes, gmm.NUM_COMPONENTS, gmm.EMBED_DIM)

@@ -39,6 +39,8 @@ def test_pins_cover_the_stack_in_one_place():
         "matplotlib",
         "tensorboard",
         "pytest",
+        "maskformer2",
+        "timm",
     ):
         assert name in pins, name
     assert pins["torch"].startswith("torch===")  # exact match: never the local +cpu wheel

@@ -1,4 +1,5 @@
-"""The poly schedule matches DeepLab's formula and survives --resume with a different MAX_ITER."""
+"""The poly schedule matches DeepLab's formula and survives --resume with a different MAX_ITER; the
+optimizer's parameter groups and Mask2Former's whole-model gradient clipping."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import math
 
 import pytest
 import torch
+from detectron2.config import get_cfg
+from detectron2.solver import build_optimizer as detectron2_build_optimizer
 
-from gmmseg.solver import WarmupPolyLR
+from gmmseg import add_gmmseg_config
+from gmmseg.solver import WarmupPolyLR, build_optimizer
 
 
 def _sched(max_iters: int, **kw) -> WarmupPolyLR:
@@ -45,3 +49,70 @@ def test_resume_with_longer_schedule_uses_the_new_length():
     assert new.get_last_lr()[0] == pytest.approx(0.1 * (1 - 6 / 8) ** 0.9)
     _advance(new, 4)  # past the new end: stays at zero instead of failing
     assert math.isfinite(new.get_last_lr()[0]) and new.get_last_lr()[0] == 0.0
+
+
+class _Net(torch.nn.Module):
+    """A backbone conv with BN, a learned embedding and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        self.queries = torch.nn.Embedding(5, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+
+def _solver_cfg(*opts):
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.merge_from_list(["SOLVER.BASE_LR", "0.01", "SOLVER.WEIGHT_DECAY", "0.05", *opts])
+    return cfg
+
+
+def _hyper(optimizer, param):
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    return group["lr"], group["weight_decay"]
+
+
+def test_adamw_groups_backbone_multiplier_and_embedding_decay():
+    net = _Net()
+    cfg = _solver_cfg(
+        "SOLVER.OPTIMIZER", "ADAMW", "SOLVER.BACKBONE_MULTIPLIER", "0.1", "SOLVER.WEIGHT_DECAY_EMBED", "0.0"
+    )
+    opt = build_optimizer(cfg, net)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert _hyper(opt, net.backbone[0].weight) == pytest.approx((0.001, 0.05))
+    assert _hyper(opt, net.backbone[1].weight) == pytest.approx((0.001, 0.0))  # norm: WEIGHT_DECAY_NORM
+    assert _hyper(opt, net.queries.weight) == pytest.approx((0.01, 0.0))
+    assert _hyper(opt, net.head.weight) == pytest.approx((0.01, 0.05))
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+
+
+def test_sgd_defaults_equal_detectron2s_optimizer():
+    """With the SGD defaults the groups are Detectron2's (which knows no embedding weight decay)."""
+    net = _Net()
+    cfg = _solver_cfg("SOLVER.WEIGHT_DECAY_EMBED", "0.05")
+    ours, theirs = build_optimizer(cfg, net), detectron2_build_optimizer(cfg, net)
+    assert type(ours) is torch.optim.SGD
+    for param in net.parameters():
+        assert _hyper(ours, param) == _hyper(theirs, param)
+        group = next(g for g in ours.param_groups if any(p is param for p in g["params"]))
+        assert (group["momentum"], group["nesterov"]) == (cfg.SOLVER.MOMENTUM, cfg.SOLVER.NESTEROV)
+
+
+def test_full_model_clipping_clips_the_norm_of_all_gradients_together():
+    net = _Net()
+    cfg = _solver_cfg(
+        "SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", "0.0", "SOLVER.WEIGHT_DECAY", "0.0",
+        "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.5",
+    )  # fmt: skip
+    opt = build_optimizer(cfg, net)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    grads = {n: torch.randn_like(p) * 10 for n, p in net.named_parameters()}
+    for n, p in net.named_parameters():
+        p.grad = grads[n].clone()
+    opt.step()
+    total = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+    for n, p in net.named_parameters():  # SGD step = -lr * g * (0.5 / |g|_all): one common scale
+        expected = before[n] - 0.01 * grads[n] * (0.5 / total)
+        assert torch.allclose(p.detach(), expected, atol=1e-6), n

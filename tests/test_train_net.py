@@ -57,7 +57,15 @@ def tiny_digitscapes(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["deeplabv3plus_R18_softmax.yaml", "deeplabv3plus_R18_gmmseg.yaml"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "deeplabv3plus_R18_softmax.yaml",
+        "deeplabv3plus_R18_gmmseg.yaml",
+        "mask2former_R18_softmax.yaml",
+        "mask2former_R18_gmmseg.yaml",
+    ],
+)
 def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path, config):
     config = CONFIGS / config
     out = tmp_path / "run"
@@ -83,7 +91,7 @@ def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path, confi
     # --eval-only needs only the weights, and reproduces the training run's final evaluation
     eval_out = tmp_path / "eval"
     extra = []
-    if "softmax" in config.name:  # the fifth post-hoc score: Mahalanobis, fitted on the training set
+    if config.name == "deeplabv3plus_R18_softmax.yaml":  # the fifth post-hoc score: Mahalanobis
         stats = tmp_path / "mahalanobis.pth"
         proc = subprocess.run(
             [
@@ -130,11 +138,16 @@ def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path, confi
     assert "Starting training from iteration 4" in log
 
     checkpoint = torch.load(out / "model_final.pth", weights_only=True)
-    assert "optimizer" in checkpoint["trainer"]["_trainer"]  # SGD momentum survives a resume
+    assert "optimizer" in checkpoint["trainer"]["_trainer"]  # SGD / AdamW state survives a resume
     hooks = checkpoint["trainer"]["hooks"]
     assert "RNGStateHook" in hooks
     if "gmmseg" in config.name:
-        assert "sem_seg_head.gmm_predictor.gmm.means" in checkpoint["model"]
+        mixtures = (
+            "sem_seg_head.predictor.class_predictor.gmm.means"  # Mask2Former: query mixtures
+            if "mask2former" in config.name
+            else "sem_seg_head.gmm_predictor.gmm.means"
+        )
+        assert mixtures in checkpoint["model"]
         assert int(hooks["GMMEMHook"]["memory"]["count"].sum()) > 0
         assert "GMM memory restored" in log
     else:
@@ -167,11 +180,13 @@ def test_bad_override_fails_at_start_naming_the_key(tiny_digitscapes, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_train_and_evaluate(tiny_digitscapes, tmp_path):
+@pytest.mark.parametrize("config", ["deeplabv3plus_R18_softmax.yaml", "mask2former_R18_gmmseg.yaml"])
+def test_two_cpu_processes_train_and_evaluate(tiny_digitscapes, tmp_path, config):
     out = tmp_path / "ddp"
     log = _run(
         ["--num-gpus", "2", "--dist-url", "auto", *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)],
         tiny_digitscapes,
+        CONFIGS / config,
     )
     assert "world size: 2" in log.lower() or "Rank of current process: 0. World size: 2" in log
     metrics = json.loads((out / "inference" / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]

@@ -34,6 +34,8 @@ STAMP_NAME = ".gmmseg-install.json"
 
 TORCH_PACKAGES = ("torch", "torchvision")
 DETECTRON2_SDIST = "pb1-detectron2"
+# installed without their declared dependencies, after detectron2 (see requirements/pins.txt)
+NO_DEPS_PACKAGES = ("maskformer2", "timm")
 
 
 class StepFailed(RuntimeError):
@@ -161,7 +163,7 @@ def step_torch(python: Path, pins: dict[str, str]) -> None:
 
 
 def step_python_deps(python: Path, pins: dict[str, str]) -> None:
-    skip = set(TORCH_PACKAGES) | {DETECTRON2_SDIST}
+    skip = set(TORCH_PACKAGES) | {DETECTRON2_SDIST} | set(NO_DEPS_PACKAGES)
     wanted = {name: req for name, req in pins.items() if name not in skip}
     have = installed_versions(python, sorted(wanted))
     missing = [req for name, req in wanted.items() if have.get(name) != pinned_version(req)]
@@ -307,6 +309,30 @@ def step_detectron2(python: Path, pins: dict[str, str]) -> None:
     log(f"detectron2: installed ({line})")
 
 
+def step_mask2former(python: Path, pins: dict[str, str]) -> None:
+    """Mask2Former and timm, without their declared dependencies (maskformer2's are URL-pinned)."""
+    wanted = {name: pins[name] for name in NO_DEPS_PACKAGES if name in pins}
+    have = installed_versions(python, sorted(wanted))
+    missing = [req for name, req in wanted.items() if have.get(name) != pinned_version(req)]
+    if missing:
+        run(
+            [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *missing],
+            "install Mask2Former",
+            "check the registry is reachable; maskformer2's setup.py needs torch installed first.",
+        )
+    ok, line = probe(
+        python,
+        "import warnings; warnings.simplefilter('ignore'); import mask2former, os; "
+        "print(mask2former.__version__, os.path.dirname(mask2former.__file__))",
+    )
+    if not ok:
+        raise StepFailed(
+            f"step 'check Mask2Former' failed: it does not import ({line}).\n"
+            "What to do: it needs detectron2, timm and scipy; see the error above."
+        )
+    log(f"Mask2Former: {'installed' if missing else 'present'} ({line})")
+
+
 def step_gmmseg(python: Path) -> None:
     ok, line = probe(python, "import gmmseg, os; print(os.path.realpath(gmmseg.__file__))")
     expected = str((REPO / "projects" / "GMMSeg" / "gmmseg" / "__init__.py").resolve())
@@ -353,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         step_torch(python, pins)
         step_python_deps(python, pins)
         step_detectron2(python, pins)
+        step_mask2former(python, pins)
         step_gmmseg(python)
     except StepFailed as err:
         print(f"[install] ERROR: {err}", file=sys.stderr, flush=True)

@@ -5,7 +5,20 @@ from __future__ import annotations
 from detectron2.config import CfgNode as CN
 from detectron2.projects.deeplab import add_deeplab_config
 
-__all__ = ["add_gmmseg_config", "validate_gmmseg_config", "ConfigValueError"]
+__all__ = ["add_gmmseg_config", "validate_gmmseg_config", "ConfigValueError", "MASK_FORMER_ARCHITECTURES"]
+
+try:  # Mask2Former (maskformer2) is installed by tools/install.py; without it its models are unavailable
+    import mask2former  # noqa: F401
+except ImportError as _err:
+    MASK2FORMER_IMPORT_ERROR: ImportError | None = _err
+else:
+    MASK2FORMER_IMPORT_ERROR = None
+
+# meta-architectures built on Mask2Former, and the transformer decoder each needs
+MASK_FORMER_ARCHITECTURES = {
+    "PosteriorMaskFormer": "MultiScaleMaskedTransformerDecoder",
+    "GMMMaskFormer": "GMMMultiScaleMaskedTransformerDecoder",
+}
 
 
 class ConfigValueError(ValueError):
@@ -20,8 +33,20 @@ def add_gmmseg_config(cfg: CN) -> None:
     """Add the keys GMMSeg-D2 uses (Detectron2's DeepLab keys included) to ``cfg`` in place."""
     if not hasattr(cfg.SOLVER, "POLY_LR_POWER"):
         add_deeplab_config(cfg)
-    # How training images are read: "semantic" = gmmseg.data.SemanticDatasetMapper.
+    if MASK2FORMER_IMPORT_ERROR is None and not hasattr(cfg.MODEL, "MASK_FORMER"):
+        from mask2former import add_maskformer2_config
+
+        add_maskformer2_config(cfg)  # MODEL.MASK_FORMER, MODEL.SWIN, pixel-decoder keys
+    # How training images are read: "semantic" = gmmseg.data.SemanticDatasetMapper (all models).
     cfg.INPUT.DATASET_MAPPER_NAME = "semantic"
+    # Mask2Former's photometric augmentation (brightness, contrast, saturation, hue), in training.
+    cfg.INPUT.COLOR_AUG_SSD = False
+    # Optimizer: "SGD" (DeepLab, FPN) | "ADAMW" (Mask2Former); lr multiplier for the backbone; weight decay
+    # of embeddings (learned queries, Swin position tables). SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts
+    # "full_model": clip the norm of all gradients together (Mask2Former).
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # Number of equal-width confidence bins of the expected calibration error (ECE).
     cfg.TEST.CALIBRATION_BINS = 15
     # Per-pixel anomaly scores to evaluate (all from the same forward pass): any of "gmm" (GMM heads),
@@ -118,8 +143,25 @@ def validate_gmmseg_config(cfg: CN) -> None:
         cfg.MODEL.DEVICE,
         "'cpu' or 'cuda[:N]'",
     )
+    _check(
+        cfg.SOLVER.OPTIMIZER in ("SGD", "ADAMW"), "SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, "'SGD' or 'ADAMW'"
+    )
+    _check(
+        cfg.SOLVER.BACKBONE_MULTIPLIER >= 0,
+        "SOLVER.BACKBONE_MULTIPLIER",
+        cfg.SOLVER.BACKBONE_MULTIPLIER,
+        "a number >= 0",
+    )
+    _check(
+        cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE in ("value", "norm", "full_model"),
+        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+        cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE,
+        "'value', 'norm' or 'full_model'",
+    )
     _validate_gmm(cfg.MODEL.GMM)
     _validate_test(cfg.TEST)
+    if cfg.MODEL.META_ARCHITECTURE in MASK_FORMER_ARCHITECTURES:
+        _validate_mask_former(cfg)
     if cfg.INPUT.CROP.ENABLED:
         size = list(cfg.INPUT.CROP.SIZE)
         _check(len(size) == 2 and all(s > 0 for s in size), "INPUT.CROP.SIZE", size, "two positive numbers")
@@ -167,6 +209,50 @@ def _validate_gmm(gmm: CN) -> None:
         "MODEL.GMM.ENQUEUE_CORRECT_ONLY",
         gmm.ENQUEUE_CORRECT_ONLY,
         "True or False",
+    )
+
+
+def _validate_mask_former(cfg: CN) -> None:
+    arch = cfg.MODEL.META_ARCHITECTURE
+    _check(
+        MASK2FORMER_IMPORT_ERROR is None,
+        "MODEL.META_ARCHITECTURE",
+        arch,
+        "an installed Mask2Former (python tools/install.py installs maskformer2; "
+        f"{MASK2FORMER_IMPORT_ERROR})",
+    )
+    mf = cfg.MODEL.MASK_FORMER
+    decoder = MASK_FORMER_ARCHITECTURES[arch]
+    _check(
+        mf.TRANSFORMER_DECODER_NAME == decoder,
+        "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME",
+        mf.TRANSFORMER_DECODER_NAME,
+        f"'{decoder}' for MODEL.META_ARCHITECTURE '{arch}'",
+    )
+    _check(
+        cfg.MODEL.SEM_SEG_HEAD.NAME == "MaskFormerHead",
+        "MODEL.SEM_SEG_HEAD.NAME",
+        cfg.MODEL.SEM_SEG_HEAD.NAME,
+        f"'MaskFormerHead' for MODEL.META_ARCHITECTURE '{arch}'",
+    )
+    for key in ("PANOPTIC_ON", "INSTANCE_ON"):
+        _check(
+            not getattr(mf.TEST, key),
+            f"MODEL.MASK_FORMER.TEST.{key}",
+            getattr(mf.TEST, key),
+            "False (GMMSeg-D2 runs semantic inference only)",
+        )
+    for key in ("DEC_LAYERS", "NUM_OBJECT_QUERIES", "TRAIN_NUM_POINTS"):
+        value = getattr(mf, key)
+        _check(isinstance(value, int) and value >= 1, f"MODEL.MASK_FORMER.{key}", value, "an integer >= 1")
+    _check(
+        mf.NO_OBJECT_WEIGHT >= 0, "MODEL.MASK_FORMER.NO_OBJECT_WEIGHT", mf.NO_OBJECT_WEIGHT, "a number >= 0"
+    )
+    _check(
+        "mahalanobis" not in cfg.TEST.ANOMALY_SCORES and not cfg.TEST.MAHALANOBIS_STATS,
+        "TEST.ANOMALY_SCORES",
+        list(cfg.TEST.ANOMALY_SCORES),
+        "no 'mahalanobis' (a per-pixel softmax-head score) for mask-classification models",
     )
 
 

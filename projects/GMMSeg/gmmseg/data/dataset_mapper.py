@@ -17,6 +17,7 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.projects.point_rend import ColorAugSSDTransform
 
 __all__ = ["SemanticDatasetMapper", "check_label_values"]
 
@@ -74,6 +75,8 @@ class SemanticDatasetMapper:
                         cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
                     )
                 )
+            if cfg.INPUT.COLOR_AUG_SSD:  # Mask2Former's photometric augmentation
+                augs.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
             if cfg.INPUT.RANDOM_FLIP != "none":
                 augs.append(
                     T.RandomFlip(

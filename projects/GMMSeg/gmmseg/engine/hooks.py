@@ -14,24 +14,25 @@ from detectron2.engine import HookBase
 from torch import nn
 
 from gmmseg.gmm import FeatureMemory, gather_from_all_processes
-from gmmseg.modeling.gmm_predictor import GMMPredictor
+from gmmseg.modeling.gmm_predictor import GMMPredictorBase
 
 __all__ = ["GMMEMHook", "RNGStateHook", "find_gmm_predictors"]
 
 logger = logging.getLogger(__name__)
 
 
-def find_gmm_predictors(model: nn.Module) -> list[GMMPredictor]:
-    """Every ``GMMPredictor`` inside ``model`` (DDP-wrapped or not)."""
+def find_gmm_predictors(model: nn.Module) -> list[GMMPredictorBase]:
+    """Every GMM predictor (pixel or query) inside ``model`` (DDP-wrapped or not)."""
     model = getattr(model, "module", model)
-    return [m for m in model.modules() if isinstance(m, GMMPredictor)]
+    return [m for m in model.modules() if isinstance(m, GMMPredictorBase)]
 
 
 class GMMEMHook(HookBase):
     """Owns the feature memory and runs GMMSeg's EM after every training step.
 
-    After each step it takes the step's labelled embeddings from the model (``GMMPredictor.pop_em_batch``:
-    kept from the forward pass, no second pass), gathers them from all processes, runs the E-step
+    After each step it takes the step's labelled embeddings from the model (``pop_em_batch`` of its
+    ``GMMPredictorBase``: pixels of a GMM head, or Mask2Former's queries labelled by the Hungarian
+    matching; kept from the forward pass, no second pass), gathers them from all processes, runs the E-step
     (Sinkhorn by default) on that global batch, enqueues the correctly classified pixels into the
     per-(class, component) FIFO queues, and every ``interval`` iterations runs the M-step from the memory
     for the classes enqueued since the last one (a superset of the reference's "classes in the current
@@ -42,7 +43,7 @@ class GMMEMHook(HookBase):
 
     def __init__(
         self,
-        predictor: GMMPredictor,
+        predictor: GMMPredictorBase,
         *,
         capacity: int = 32000,
         max_per_step: int = 20,
@@ -74,7 +75,7 @@ class GMMEMHook(HookBase):
         self._generator = torch.Generator(device="cpu").manual_seed(0) if sampling == "random" else None
 
     @classmethod
-    def from_config(cls, cfg: CfgNode, predictor: GMMPredictor) -> GMMEMHook:
+    def from_config(cls, cfg: CfgNode, predictor: GMMPredictorBase) -> GMMEMHook:
         gmm = cfg.MODEL.GMM
         return cls(
             predictor,

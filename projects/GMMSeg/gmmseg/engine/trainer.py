@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gmmseg.data.dataset_mapper import SemanticDatasetMapper
 from gmmseg.evaluation.sem_seg import SemSegEvaluator
-from gmmseg.solver import build_lr_scheduler
+from gmmseg.solver import build_lr_scheduler, build_optimizer
 
 from .hooks import GMMEMHook, RNGStateHook, find_gmm_predictors
 
@@ -181,6 +181,10 @@ class GMMSegTrainer(DefaultTrainer):
         return build_detection_test_loader(
             cfg, dataset_name, mapper=SemanticDatasetMapper(cfg, is_train=False)
         )
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_lr_scheduler(cls, cfg: CfgNode, optimizer):

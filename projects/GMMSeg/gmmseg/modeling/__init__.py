@@ -1,7 +1,25 @@
-"""Detectron2 models of GMMSeg-D2 (importing this registers them)."""
+"""Detectron2 models of GMMSeg-D2 (importing this registers them).
+
+The Mask2Former models (``PosteriorMaskFormer``, ``GMMMaskFormer`` and the GMM transformer decoder) are
+registered when Mask2Former (``maskformer2``) is installed, as ``tools/install.py`` does.
+"""
+
+from gmmseg.config import MASK2FORMER_IMPORT_ERROR
 
 from .gmm_heads import GMMDeepLabV3PlusHead, GMMSemSegFPNHead
-from .gmm_predictor import GMMPredictor
+from .gmm_predictor import GMMPredictor, GMMPredictorBase, QueryGMMPredictor
 from .meta_arch import PosteriorSemanticSegmentor
 
-__all__ = ["GMMDeepLabV3PlusHead", "GMMPredictor", "GMMSemSegFPNHead", "PosteriorSemanticSegmentor"]
+__all__ = [
+    "GMMDeepLabV3PlusHead",
+    "GMMPredictor",
+    "GMMPredictorBase",
+    "GMMSemSegFPNHead",
+    "PosteriorSemanticSegmentor",
+    "QueryGMMPredictor",
+]
+
+if MASK2FORMER_IMPORT_ERROR is None:
+    from .mask_former import GMMMaskFormer, GMMMultiScaleMaskedTransformerDecoder, PosteriorMaskFormer
+
+    __all__ += ["GMMMaskFormer", "GMMMultiScaleMaskedTransformerDecoder", "PosteriorMaskFormer"]

@@ -22,20 +22,25 @@ from torch import Tensor, nn
 
 from gmmseg.gmm import GaussianMixtureClassifier, e_step
 
-__all__ = ["GMMPredictor"]
+__all__ = ["GMMPredictor", "GMMPredictorBase", "QueryGMMPredictor"]
 
 
-class GMMPredictor(nn.Module):
-    """Pixel embeddings and GMM class scores for a (N, in_channels, H, W) feature map."""
+class GMMPredictorBase(nn.Module):
+    """The part of a model that scores embeddings with class mixtures; what ``GMMEMHook`` works with.
+
+    Holds the mixtures (``gmm``: ``num_classes`` mixtures of ``num_components`` Gaussians in ``embed_dim``
+    dims, buffers fitted only by EM), the normalisation of the class scores into logits, the E-step used
+    for the memory and the component loss, and the hand-over of each training step's labelled
+    embeddings to the hook (``store_em_batch`` / ``pop_em_batch``). Subclasses say what is embedded:
+    pixels (``GMMPredictor``) or Mask2Former queries (``QueryGMMPredictor``).
+    """
 
     def __init__(
         self,
-        in_channels: int,
         num_classes: int,
         *,
         embed_dim: int = 64,
         num_components: int = 5,
-        norm: str = "BN",
         class_score: str = "wta",
         logit_norm: str = "layernorm",
         logit_norm_init_scale: float = 1.0,
@@ -44,8 +49,6 @@ class GMMPredictor(nn.Module):
         sinkhorn_iters: int = 3,
         component_loss_weight: float = 0.01,
         enqueue_correct_only: bool = True,
-        ignore_value: int = 255,
-        loss_type: str = "cross_entropy",
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -56,6 +59,100 @@ class GMMPredictor(nn.Module):
         self.sinkhorn_iters = sinkhorn_iters
         self.component_loss_weight = component_loss_weight
         self.enqueue_correct_only = enqueue_correct_only
+        self._scoring_args = (class_score, logit_norm, logit_norm_init_scale)
+        self._em_batch: dict[str, Tensor] | None = None
+
+    def _build_scoring(self) -> None:
+        """Create the mixtures and the logit normalisation. Subclasses call it after building their
+        embedding layers, so that parameters are initialised in the same order (and from the same random
+        draws) as in earlier releases."""
+        class_score, logit_norm, init_scale = self._scoring_args
+        self.gmm = GaussianMixtureClassifier(
+            self.num_classes, self.num_components, self.embed_dim, score=class_score
+        )
+        self.logit_norm = nn.LayerNorm(self.num_classes) if logit_norm == "layernorm" else nn.Identity()
+        if logit_norm == "layernorm":
+            nn.init.constant_(self.logit_norm.weight, init_scale)
+
+    @staticmethod
+    def gmm_kwargs(cfg: CfgNode) -> dict:
+        """The constructor arguments that come from ``MODEL.GMM``."""
+        gmm = cfg.MODEL.GMM
+        return {
+            "embed_dim": gmm.EMBED_DIM,
+            "num_components": gmm.NUM_COMPONENTS,
+            "class_score": gmm.CLASS_SCORE,
+            "logit_norm": gmm.LOGIT_NORM,
+            "logit_norm_init_scale": gmm.LOGIT_NORM_INIT_SCALE,
+            "e_step_method": gmm.E_STEP,
+            "sinkhorn_epsilon": gmm.SINKHORN_EPSILON,
+            "sinkhorn_iters": gmm.SINKHORN_ITERS,
+            "component_loss_weight": gmm.COMPONENT_LOSS_WEIGHT,
+            "enqueue_correct_only": gmm.ENQUEUE_CORRECT_ONLY,
+        }
+
+    def score(self, embeddings: Tensor) -> dict[str, Tensor]:
+        """For (..., D) embeddings: component log-likelihoods (..., C, K), class scores ``log p(x|c)``
+        (..., C) and the normalised class scores (..., C) whose softmax is the posterior."""
+        component = self.gmm.component_log_prob(embeddings)
+        class_scores = self.gmm.class_log_prob(embeddings, component)
+        return {
+            "embeddings": embeddings,
+            "component_log_prob": component,
+            "class_log_prob": class_scores,
+            "logits": self.logit_norm(class_scores),
+        }
+
+    def component_loss(self, component_log_prob: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy over all C*K components (weight ``component_loss_weight``) for (P, C, K)
+        log-likelihoods; the target of an item of class c is (c, its component under this process's
+        E-step). Items labelled -1 are left out; without any, an exact zero that keeps the graph."""
+        valid = labels >= 0
+        if self.component_loss_weight <= 0 or not bool(valid.any()):
+            return component_log_prob.sum() * 0.0  # keep the graph connected (DDP)
+        _, assignment = self.e_step(component_log_prob.detach(), labels)
+        target = labels[valid] * self.num_components + assignment[valid]
+        flat = component_log_prob[valid].reshape(-1, self.num_classes * self.num_components)
+        return F.cross_entropy(flat, target) * self.component_loss_weight
+
+    def e_step(self, component_log_prob: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Assign labelled items to their class's components (Sinkhorn or vanilla, hard): returns
+        ``(responsibilities (N, K), assignment (N,))``, assignment -1 for unlabelled items."""
+        return e_step(
+            component_log_prob,
+            labels,
+            num_classes=self.num_classes,
+            method=self.e_step_method,
+            hard=True,
+            epsilon=self.sinkhorn_epsilon,
+            n_iters=self.sinkhorn_iters,
+        )
+
+    def store_em_batch(self, embeddings: Tensor, labels: Tensor, correct: Tensor) -> None:
+        """Keep this step's labelled embeddings (P, D), classes (P,) and correctness (P,) for the hook."""
+        self._em_batch = {"embeddings": embeddings.detach(), "labels": labels, "correct": correct}
+
+    def pop_em_batch(self) -> dict[str, Tensor] | None:
+        """The last training step's labelled embeddings (P, D), their classes (P,) and whether the model
+        classified them correctly (P,); cleared once taken."""
+        batch, self._em_batch = self._em_batch, None
+        return batch
+
+
+class GMMPredictor(GMMPredictorBase):
+    """Pixel embeddings and GMM class scores for a (N, in_channels, H, W) feature map."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        norm: str = "BN",
+        ignore_value: int = 255,
+        loss_type: str = "cross_entropy",
+        **kwargs,
+    ) -> None:
+        super().__init__(num_classes, **kwargs)
         self.ignore_value = ignore_value
         if loss_type not in ("cross_entropy", "hard_pixel_mining"):
             raise ValueError(f"loss_type must be 'cross_entropy' or 'hard_pixel_mining', got {loss_type!r}")
@@ -67,41 +164,27 @@ class GMMPredictor(nn.Module):
         )
         self.projection = Conv2d(
             in_channels,
-            embed_dim,
+            self.embed_dim,
             kernel_size=1,
             bias=not norm,
-            norm=get_norm(norm, embed_dim),
+            norm=get_norm(norm, self.embed_dim),
             activation=F.relu,
         )
         nn.init.kaiming_normal_(self.projection.weight, mode="fan_out", nonlinearity="relu")
-        self.feature_norm = nn.LayerNorm(embed_dim)
-        self.gmm = GaussianMixtureClassifier(num_classes, num_components, embed_dim, score=class_score)
-        self.logit_norm = nn.LayerNorm(num_classes) if logit_norm == "layernorm" else nn.Identity()
-        if logit_norm == "layernorm":
-            nn.init.constant_(self.logit_norm.weight, logit_norm_init_scale)
-        self._em_batch: dict[str, Tensor] | None = None
+        self.feature_norm = nn.LayerNorm(self.embed_dim)
+        self._build_scoring()
 
     @classmethod
     def from_config(cls, cfg: CfgNode, in_channels: int, loss_type: str = "cross_entropy") -> GMMPredictor:
         """Predictor from ``MODEL.GMM`` and the head's class count, norm and ignore value; ``loss_type``
         follows the head being replaced (DeepLab: ``MODEL.SEM_SEG_HEAD.LOSS_TYPE``; FPN: cross-entropy)."""
-        gmm = cfg.MODEL.GMM
         return cls(
             in_channels,
             cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            embed_dim=gmm.EMBED_DIM,
-            num_components=gmm.NUM_COMPONENTS,
             norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
-            class_score=gmm.CLASS_SCORE,
-            logit_norm=gmm.LOGIT_NORM,
-            logit_norm_init_scale=gmm.LOGIT_NORM_INIT_SCALE,
-            e_step_method=gmm.E_STEP,
-            sinkhorn_epsilon=gmm.SINKHORN_EPSILON,
-            sinkhorn_iters=gmm.SINKHORN_ITERS,
-            component_loss_weight=gmm.COMPONENT_LOSS_WEIGHT,
-            enqueue_correct_only=gmm.ENQUEUE_CORRECT_ONLY,
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             loss_type=loss_type,
+            **cls.gmm_kwargs(cfg),
         )
 
     def embed(self, x: Tensor) -> Tensor:
@@ -112,16 +195,9 @@ class GMMPredictor(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Embeddings (N, H, W, D), component log-likelihoods (N, H, W, C, K), class scores
         ``log p(x|c)`` (N, H, W, C), and the logits (N, C, H, W) that the posterior is the softmax of."""
-        embeddings = self.embed(x)
-        component = self.gmm.component_log_prob(embeddings)
-        class_scores = self.gmm.class_log_prob(embeddings, component)
-        logits = self.logit_norm(class_scores).permute(0, 3, 1, 2)
-        return {
-            "embeddings": embeddings,
-            "component_log_prob": component,
-            "class_log_prob": class_scores,
-            "logits": logits,
-        }
+        outputs = self.score(self.embed(x))
+        outputs["logits"] = outputs["logits"].permute(0, 3, 1, 2)
+        return outputs
 
     @staticmethod
     def anomaly_map(outputs: dict[str, Tensor]) -> Tensor:
@@ -149,39 +225,55 @@ class GMMPredictor(nn.Module):
         labels = torch.where((labels >= 0) & (labels < self.num_classes), labels, torch.full_like(labels, -1))
         valid = labels >= 0
         component = outputs["component_log_prob"].reshape(n * h * w, self.num_classes, self.num_components)
-        if self.component_loss_weight > 0 and bool(valid.any()):
-            # targets: each pixel's component under this process's own E-step (the hook's E-step for
-            # the memory runs on the batch gathered from all processes instead)
-            _, assignment = self.e_step(component.detach(), labels)
-            target = labels[valid] * self.num_components + assignment[valid]
-            flat = component[valid].reshape(-1, self.num_classes * self.num_components)
-            loss_component = F.cross_entropy(flat, target) * self.component_loss_weight
-        else:  # keep the graph connected (DDP) with an exact zero
-            loss_component = component.sum() * 0.0
+        loss_component = self.component_loss(component, labels)
 
         prediction = outputs["logits"].detach().argmax(dim=1).reshape(-1)
-        self._em_batch = {
-            "embeddings": outputs["embeddings"].detach().reshape(-1, self.embed_dim)[valid],
-            "labels": labels[valid],
-            "correct": (prediction == labels)[valid],
-        }
+        self.store_em_batch(
+            outputs["embeddings"].reshape(-1, self.embed_dim)[valid],
+            labels[valid],
+            (prediction == labels)[valid],
+        )
         return {"loss_sem_seg": loss_sem_seg, "loss_gmm_component": loss_component}
 
-    def e_step(self, component_log_prob: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Assign labelled pixels to their class's components (Sinkhorn or vanilla, hard): returns
-        ``(responsibilities (N, K), assignment (N,))``, assignment -1 for unlabelled pixels."""
-        return e_step(
-            component_log_prob,
-            labels,
-            num_classes=self.num_classes,
-            method=self.e_step_method,
-            hard=True,
-            epsilon=self.sinkhorn_epsilon,
-            n_iters=self.sinkhorn_iters,
-        )
 
-    def pop_em_batch(self) -> dict[str, Tensor] | None:
-        """The last training step's labelled embeddings (P, D), their classes (P,) and whether the model
-        classified them correctly (P,); cleared once taken."""
-        batch, self._em_batch = self._em_batch, None
-        return batch
+class QueryGMMPredictor(GMMPredictorBase):
+    """Mask2Former's class predictor as GMMs: query embeddings -> C + 1 class mixtures.
+
+    A query's decoder output (hidden_dim) is projected to D dims by a linear layer, LayerNorm-ed and
+    L2-normalised, as GMMSeg's pixel embeddings are, and scored by ``num_classes + 1`` mixtures. The last
+    mixture is "no object": in Mask2Former the queries that the Hungarian matcher leaves unmatched are
+    trained towards an extra class, and keeping that class generative (its own K Gaussians, fitted by EM
+    on the unmatched queries' embeddings) keeps the posterior ``p(c | q)`` a plain Bayes rule over
+    mixtures, so the matcher's class cost, the set criterion and semantic inference all use the same
+    GMM posteriors. Anomaly scores use only the ``num_classes`` real mixtures.
+    """
+
+    def __init__(self, hidden_dim: int, num_classes: int, **kwargs) -> None:
+        super().__init__(num_classes + 1, **kwargs)
+        self.num_object_classes = num_classes
+        self.projection = nn.Linear(hidden_dim, self.embed_dim)
+        self.feature_norm = nn.LayerNorm(self.embed_dim)
+        self._build_scoring()
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, hidden_dim: int) -> QueryGMMPredictor:
+        return cls(hidden_dim, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, **cls.gmm_kwargs(cfg))
+
+    def forward(self, queries: Tensor) -> dict[str, Tensor]:
+        """For (B, Q, hidden_dim) decoder outputs: embeddings (B, Q, D), component log-likelihoods
+        (B, Q, C+1, K), class scores (B, Q, C+1) and logits (B, Q, C+1), no-object last."""
+        return self.score(F.normalize(self.feature_norm(self.projection(queries)), dim=-1))
+
+    def object_log_prob(self, outputs: dict[str, Tensor]) -> Tensor:
+        """(B, Q) ``max_c log p(q | c)`` over the real classes (no-object excluded)."""
+        return outputs["class_log_prob"][..., : self.num_object_classes].amax(dim=-1)
+
+    def losses(self, outputs: dict[str, Tensor], query_labels: Tensor) -> dict[str, Tensor]:
+        """Component loss for (B, Q) query labels (matched class, or ``num_classes`` = no object) and the
+        EM batch for the hook: every query's embedding, label and whether its argmax matched the label."""
+        labels = query_labels.reshape(-1)
+        component = outputs["component_log_prob"].reshape(-1, self.num_classes, self.num_components)
+        loss_component = self.component_loss(component, labels)
+        prediction = outputs["logits"].detach().argmax(dim=-1).reshape(-1)
+        self.store_em_batch(outputs["embeddings"].reshape(-1, self.embed_dim), labels, prediction == labels)
+        return {"loss_gmm_component": loss_component}

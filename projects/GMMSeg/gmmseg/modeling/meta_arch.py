@@ -58,6 +58,8 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
                 "the 'mahalanobis' score needs TEST.MAHALANOBIS_STATS (tools/fit_mahalanobis.py)"
             )
         self.anomaly_score_names = tuple(anomaly_scores)
+        # images are padded to a multiple of this (mask-classification models need more than the backbone)
+        self.size_divisibility = self.backbone.size_divisibility
         self.mahalanobis_stats = mahalanobis_stats
         self.sliding_window = sliding_window
         self.sliding_stride = sliding_stride
@@ -115,7 +117,7 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         input's original resolution (the logits also serve post-hoc scores such as max logit)."""
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         if self.sliding_window is None:
-            padded = ImageList.from_tensors(images, self.backbone.size_divisibility)
+            padded = ImageList.from_tensors(images, self.size_divisibility)
             maps = self._window_maps(padded.tensor)
             per_image = [{k: v[i] for k, v in maps.items()} for i in range(len(images))]
             sizes = padded.image_sizes
