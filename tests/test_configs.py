@@ -214,10 +214,10 @@ def test_paper_gmmseg_configs_use_reference_gmm_values(path):
     gmm = load(path).MODEL.GMM
     reference = dict(GMM_REFERENCE)
     if path.stem.startswith("mask2former"):  # queries, not pixels, fill the memory (see the config)
-        reference["MEMORY_CAPACITY"] = 1000
-        assert gmm.MEMORY_CAPACITY == 1000
+        assert gmm.MEMORY_CAPACITY == 1000 and gmm.ENQUEUE_CORRECT_ONLY is False
         gmm = gmm.clone()
         gmm.MEMORY_CAPACITY = defaults.MODEL.GMM.MEMORY_CAPACITY
+        gmm.ENQUEUE_CORRECT_ONLY = defaults.MODEL.GMM.ENQUEUE_CORRECT_ONLY
         reference.pop("MEMORY_CAPACITY")
     assert gmm == defaults.MODEL.GMM
     assert {k: gmm[k] for k in reference} == reference

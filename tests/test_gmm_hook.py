@@ -74,6 +74,38 @@ def test_only_correct_pixels_enter_the_memory():
     assert int(hook.memory.count.sum()) == int(correct.sum())
 
 
+def test_capacity_zero_fits_each_m_step_on_the_batches_since_the_previous_one_only():
+    """The paper's "memory 0" ablation: an M-step sees only the features added since the last one."""
+    steps = [_step_data(s, classes=(0, 1)) for s in range(4)]
+    predictor = _predictor()
+    hook = GMMEMHook(predictor, capacity=0, max_per_step=10, interval=2, mean_momentum=0.0)
+    assert hook.batch_only and hook.memory.capacity == 20  # room for 2 steps of at most 10 per queue
+    _run_hook(hook, predictor, steps)
+    assert int(hook.memory.count.sum()) == 0  # emptied by the M-step after step 4
+    # the same as a large memory emptied by hand after the first M-step, so that the second one sees
+    # only steps 3 and 4
+    fresh = _predictor()
+    fresh_hook = GMMEMHook(fresh, capacity=1000, max_per_step=10, interval=2, mean_momentum=0.0)
+    _run_hook(fresh_hook, fresh, steps[:2])
+    fresh_hook.memory.reset()
+    with EventStorage(2) as storage:
+        fresh_hook.trainer.storage = storage
+        for it, (emb, labels, correct) in enumerate(steps[2:], start=2):
+            fresh._em_batch = {"embeddings": emb, "labels": labels, "correct": correct}
+            fresh_hook.trainer.iter = it
+            fresh_hook.after_step()
+    assert torch.allclose(predictor.gmm.means, fresh.gmm.means, atol=1e-6)
+    assert torch.allclose(predictor.gmm.stds, fresh.gmm.stds, atol=1e-6)
+    # while a real memory remembers steps 1 and 2, and so ends elsewhere
+    remembering = _predictor()
+    _run_hook(
+        GMMEMHook(remembering, capacity=1000, max_per_step=10, interval=2, mean_momentum=0.0),
+        remembering,
+        steps,
+    )
+    assert not torch.allclose(predictor.gmm.stds, remembering.gmm.stds, atol=1e-6)
+
+
 def test_class_never_seen_keeps_its_initial_mixture_and_no_nan():
     predictor = _predictor()
     hook = GMMEMHook(predictor, capacity=20, max_per_step=5, interval=1)

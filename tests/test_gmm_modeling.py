@@ -128,3 +128,33 @@ def test_degenerate_batches_give_finite_losses_and_gradients(labels):
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
     batch = m.sem_seg_head.gmm_predictor.pop_em_batch()
     assert set(batch["labels"].unique().tolist()) <= {3}
+
+
+def test_discriminative_variant_learns_the_mixtures_by_backprop_without_the_em_hook():
+    """MODEL.GMM.FIT backprop (the paper's "discriminative GMMSeg"): means and stds are parameters that
+    the loss moves; no EM batch is kept and GMMSegTrainer adds no GMMEMHook."""
+    cfg = _cfg()
+    cfg.MODEL.GMM.FIT = "backprop"
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    m.train()
+    gmm = m.sem_seg_head.gmm_predictor.gmm
+    names = {n for n, _ in m.named_parameters()}
+    assert {"sem_seg_head.gmm_predictor.gmm.means", "sem_seg_head.gmm_predictor.gmm.stds"} <= names
+    before = gmm.means.detach().clone(), gmm.stds.detach().clone()
+    sum(m(_batch()).values()).backward()
+    assert gmm.means.grad.abs().sum() > 0 and gmm.stds.grad.abs().sum() > 0
+    torch.optim.SGD(m.parameters(), lr=0.5).step()
+    assert not torch.equal(gmm.means, before[0]) and not torch.equal(gmm.stds, before[1])
+    assert m.sem_seg_head.gmm_predictor.pop_em_batch() is None
+    # where they are used, means have unit length and stds respect the floor
+    with torch.no_grad():
+        gmm.stds.fill_(-3.0)
+        means, stds = gmm.parameters_in_use()
+    assert torch.allclose(means.norm(dim=-1), torch.ones_like(means[..., 0]), atol=1e-5)
+    assert (stds == gmm.min_std).all()
+    m.eval()
+    with torch.no_grad():
+        out = m(_batch(n=1))[0]
+    assert torch.isfinite(out["anomaly"]).all()
+    assert not m.sem_seg_head.gmm_predictor.fitted_by_em  # GMMSegTrainer adds no GMMEMHook for it

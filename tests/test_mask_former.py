@@ -180,6 +180,8 @@ def test_correct_only_enqueue_and_em_step_update_the_query_mixtures():
     model = tiny_model()
     model.train()
     predictor = find_gmm_predictors(model)[0]
+    assert predictor.enqueue_correct_only is False  # the Mask2Former configs enqueue every matched query
+    predictor.enqueue_correct_only = True  # the pixel heads' filter still works here
     model(batch())
     em = predictor.pop_em_batch()
     hook = GMMEMHook(predictor, capacity=50, max_per_step=20, interval=1)

@@ -132,6 +132,49 @@ def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path, confi
     assert {k: v for k, v in again.items() if k in anomaly} == pytest.approx(anomaly, nan_ok=True)
     if extra:
         assert 0.0 <= again["mahalanobis/AUROC"] <= 100.0
+        # the post-hoc GMM ablation: mixtures fitted to the frozen features replace the classifier
+        gmm_file = tmp_path / "posthoc_gmm.pth"
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "tools" / "fit_posthoc_gmm.py"),
+                "--config-file",
+                str(config),
+                "--output",
+                str(gmm_file),
+                "--per-image",
+                "20",
+                *TINY,
+                "MODEL.WEIGHTS",
+                str(out / "model_final.pth"),
+                "MODEL.GMM.NUM_COMPONENTS",
+                "2",
+            ],
+            cwd=REPO,
+            env={**os.environ, "DETECTRON2_DATASETS": str(tiny_digitscapes)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        posthoc_out = tmp_path / "posthoc"
+        _run(
+            [
+                "--eval-only",
+                *TINY,
+                "MODEL.WEIGHTS",
+                str(out / "model_final.pth"),
+                "OUTPUT_DIR",
+                str(posthoc_out),
+                "TEST.POSTHOC_GMM",
+                str(gmm_file),
+            ],
+            tiny_digitscapes,
+            config,
+        )
+        posthoc = json.loads((posthoc_out / "inference" / "metrics.json").read_text())
+        assert 0.0 <= posthoc["digitscapes_val"]["sem_seg"]["mIoU"] <= 100.0
+        assert set(k.split("/")[0] for k in posthoc["digitscapes_anomaly_val"]["anomaly"]) == {"gmm"}
 
     # --resume continues from the last checkpoint instead of starting over
     log = _run(["--resume", *TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(out)], tiny_digitscapes, config)
@@ -152,6 +195,31 @@ def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path, confi
         assert "GMM memory restored" in log
     else:
         assert "GMMEMHook" not in hooks
+
+
+@pytest.mark.slow
+def test_ablation_variants_train(tiny_digitscapes, tmp_path):
+    """The paper's ablations as config keys: no memory (MEMORY_CAPACITY 0) and the discriminative variant
+    (FIT backprop: the mixtures are parameters, no EM hook)."""
+    config = CONFIGS / "deeplabv3plus_R18_gmmseg.yaml"
+    out = tmp_path / "batch_only"
+    _run(
+        [*TINY, "DATASETS.TEST", "()", "MODEL.GMM.MEMORY_CAPACITY", "0", "OUTPUT_DIR", str(out)],
+        tiny_digitscapes,
+        config,
+    )
+    hooks = torch.load(out / "model_final.pth", weights_only=True)["trainer"]["hooks"]
+    assert int(hooks["GMMEMHook"]["memory"]["count"].sum()) == 0  # emptied after the last M-step
+
+    out = tmp_path / "backprop"
+    _run(
+        [*TINY, "DATASETS.TEST", "()", "MODEL.GMM.FIT", "backprop", "OUTPUT_DIR", str(out)],
+        tiny_digitscapes,
+        config,
+    )
+    checkpoint = torch.load(out / "model_final.pth", weights_only=True)
+    assert "GMMEMHook" not in checkpoint["trainer"]["hooks"]
+    assert "sem_seg_head.gmm_predictor.gmm.means" in checkpoint["model"]
 
 
 @pytest.mark.slow

@@ -102,3 +102,25 @@ def test_update_from_memory_and_state_dict_round_trip() -> None:
     assert torch.equal(other(x), clf(x))
     with pytest.raises(ValueError):
         clf.update_parameters(torch.zeros(4, 3, 7), torch.ones(4, 3, 7))
+
+
+def test_trainable_mixtures_are_parameters_scored_as_unit_means_and_floored_stds() -> None:
+    """``trainable=True`` (discriminative GMMSeg): log-likelihoods equal torch.distributions' with the
+    normalised means and floored stds, and the gradient reaches means and stds."""
+    torch.manual_seed(0)
+    clf = GaussianMixtureClassifier(3, 2, 4, trainable=True, min_std=0.2)
+    assert {n for n, _ in clf.named_parameters()} == {"means", "stds"} and not list(clf.buffers())
+    with torch.no_grad():
+        clf.means.mul_(3.0)  # no longer unit length
+        clf.stds.copy_(torch.rand(3, 2, 4) * 0.4)  # some below the floor
+    x = torch.randn(5, 4, dtype=torch.float64)
+    clf = clf.double()
+    reference = Independent(
+        Normal(F.normalize(clf.means.detach(), dim=-1), clf.stds.detach().clamp_min(0.2)), 1
+    ).log_prob(x[:, None, None, :])
+    out = clf.component_log_prob(x)
+    assert torch.allclose(out, reference, atol=1e-9)
+    out.sum().backward()
+    assert clf.means.grad.abs().sum() > 0
+    above = clf.stds.detach() > 0.2
+    assert (clf.stds.grad[above] != 0).any() and (clf.stds.grad[~above] == 0).all()

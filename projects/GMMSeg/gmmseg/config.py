@@ -55,6 +55,9 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.TEST.ANOMALY_SCORES = []
     # Class means and shared precision of penultimate features (tools/fit_mahalanobis.py), for "mahalanobis".
     cfg.TEST.MAHALANOBIS_STATS = ""
+    # GMMs fitted to a softmax model's penultimate features after training (tools/fit_posthoc_gmm.py): they
+    # replace its classifier and give the "gmm" score (the paper's post-hoc ablation).
+    cfg.TEST.POSTHOC_GMM = ""
     # Anomaly metrics: "exact" (keeps every scored pixel), "histogram" (streaming, with an error bound),
     # or "auto" (exact up to ANOMALY_MAX_EXACT_PIXELS pixels per split, then histogram).
     cfg.TEST.ANOMALY_EVAL_MODE = "auto"
@@ -70,7 +73,9 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.MODEL.GMM = CN()
     cfg.MODEL.GMM.EMBED_DIM = 64  # D: pixel features are projected to D dims, LayerNorm-ed, L2-normalised
     cfg.MODEL.GMM.NUM_COMPONENTS = 5  # K: Gaussian components per class
-    cfg.MODEL.GMM.MEMORY_CAPACITY = 32000  # features per (class, component) FIFO queue
+    # Features per (class, component) FIFO queue. 0 = no memory ("batch only", the paper's memory
+    # ablation): each M-step sees only the features enqueued since the previous one.
+    cfg.MODEL.GMM.MEMORY_CAPACITY = 32000
     cfg.MODEL.GMM.MEMORY_PER_STEP = 20  # at most this many new features per queue per iteration
     cfg.MODEL.GMM.MEMORY_SAMPLING = "uniform"  # which candidates: "uniform" (evenly spaced) | "random"
     cfg.MODEL.GMM.MEMORY_DTYPE = "float32"  # storage of the memory: "float32" | "float16"
@@ -89,6 +94,9 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.MODEL.GMM.COMPONENT_LOSS_WEIGHT = 0.01  # cross-entropy over the C*K components (Sinkhorn targets)
     # Only pixels the model classifies correctly enter the memory (reference); False: all labelled pixels.
     cfg.MODEL.GMM.ENQUEUE_CORRECT_ONLY = True
+    # How the mixtures are fitted: "em" (GMMSeg: Sinkhorn EM on the memory, no gradient) | "backprop"
+    # (the paper's "discriminative GMMSeg" ablation: means and stds learned by back-propagation, no memory).
+    cfg.MODEL.GMM.FIT = "em"
 
 
 def _check(cond: bool, key: str, value, expected: str) -> None:
@@ -160,6 +168,16 @@ def validate_gmmseg_config(cfg: CN) -> None:
     )
     _validate_gmm(cfg.MODEL.GMM)
     _validate_test(cfg.TEST)
+    _check(
+        not cfg.TEST.POSTHOC_GMM
+        or (
+            cfg.MODEL.META_ARCHITECTURE == "PosteriorSemanticSegmentor"
+            and not cfg.MODEL.SEM_SEG_HEAD.NAME.startswith("GMM")
+        ),
+        "TEST.POSTHOC_GMM",
+        cfg.TEST.POSTHOC_GMM,
+        "empty for GMM heads and Mask2Former (it replaces a per-pixel softmax head's classifier)",
+    )
     if cfg.MODEL.META_ARCHITECTURE in MASK_FORMER_ARCHITECTURES:
         _validate_mask_former(cfg)
     if cfg.INPUT.CROP.ENABLED:
@@ -184,10 +202,15 @@ def _validate_gmm(gmm: CN) -> None:
         bracket = "(" if low_open else "["
         _check(ok, f"MODEL.GMM.{name}", value, f"a number in {bracket}{low}, {high}]")
 
+    _check(
+        isinstance(gmm.MEMORY_CAPACITY, int) and gmm.MEMORY_CAPACITY >= 0,
+        "MODEL.GMM.MEMORY_CAPACITY",
+        gmm.MEMORY_CAPACITY,
+        "an integer >= 0 (0: no memory, the current batches only)",
+    )
     for name in (
         "EMBED_DIM",
         "NUM_COMPONENTS",
-        "MEMORY_CAPACITY",
         "MEMORY_PER_STEP",
         "UPDATE_INTERVAL",
         "SINKHORN_ITERS",
@@ -198,6 +221,7 @@ def _validate_gmm(gmm: CN) -> None:
     choice("E_STEP", ("sinkhorn", "vanilla"))
     choice("CLASS_SCORE", ("wta", "mixture"))
     choice("LOGIT_NORM", ("layernorm", "none"))
+    choice("FIT", ("em", "backprop"))
     in_range("MEAN_MOMENTUM", 0.0, 1.0)
     in_range("COV_MOMENTUM", 0.0, 1.0)
     in_range("VAR_FLOOR", 0.0, float("inf"), low_open=True)
@@ -280,6 +304,15 @@ def _validate_test(test: CN) -> None:
             "TEST.MAHALANOBIS_STATS",
             test.MAHALANOBIS_STATS,
             "an existing file (tools/fit_mahalanobis.py writes it)",
+        )
+    if test.POSTHOC_GMM:
+        import os
+
+        _check(
+            os.path.isfile(test.POSTHOC_GMM),
+            "TEST.POSTHOC_GMM",
+            test.POSTHOC_GMM,
+            "an existing file (tools/fit_posthoc_gmm.py writes it)",
         )
     _check(
         test.ANOMALY_EVAL_MODE in ("auto", "exact", "histogram"),

@@ -19,7 +19,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.projects.point_rend import ColorAugSSDTransform
 
-__all__ = ["SemanticDatasetMapper", "check_label_values"]
+__all__ = ["SemanticDatasetMapper", "TrainLabelsMapper", "check_label_values"]
 
 
 def check_label_values(label: np.ndarray, num_classes: int, ignore_label: int, file_name: str) -> None:
@@ -137,3 +137,15 @@ class SemanticDatasetMapper:
         if label is not None:
             dataset_dict["sem_seg"] = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
         return dataset_dict
+
+
+class TrainLabelsMapper(SemanticDatasetMapper):
+    """Test-time preprocessing (no augmentation) that still reads, checks and resizes the label with the
+    image: for statistics of a trained model over its training set (``tools/fit_*.py``)."""
+
+    def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
+        self.is_train = True  # read and check the label ...
+        try:
+            return super().__call__(dataset_dict)
+        finally:
+            self.is_train = False

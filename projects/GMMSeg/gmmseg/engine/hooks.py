@@ -39,6 +39,9 @@ class GMMEMHook(HookBase):
     batch" that never skips a class seen in between). Every process holds the same memory and computes
     the same update, so the mixture parameters stay identical everywhere. The memory and the set of
     classes seen are saved with every checkpoint (``state_dict``) and restored by ``--resume``.
+
+    ``capacity=0`` runs without a memory (the paper's "memory 0" ablation): the queues keep only what the
+    steps since the previous M-step added, and are emptied after each M-step.
     """
 
     def __init__(
@@ -56,6 +59,10 @@ class GMMEMHook(HookBase):
     ) -> None:
         self.predictor = predictor
         self.interval = interval
+        # capacity 0: no memory across M-steps; the queues hold what the steps since the last one added
+        self.batch_only = capacity == 0
+        if self.batch_only:
+            capacity = max_per_step * interval
         self.mean_momentum = mean_momentum
         self.cov_momentum = cov_momentum
         self.var_floor = var_floor
@@ -146,6 +153,8 @@ class GMMEMHook(HookBase):
         gmm.update_parameters(torch.where(keep, old_means, gmm.means), torch.where(keep, old_stds, gmm.stds))
         shift = (gmm.means - old_means)[self.seen].norm(dim=-1).mean().item()
         self.seen.zero_()
+        if self.batch_only:
+            self.memory.reset()
         return shift
 
     def state_dict(self) -> dict[str, Any]:

@@ -145,7 +145,8 @@ class GMMSegTrainer(DefaultTrainer):
         the RNG-state hook and, for GMM models, the EM hook that owns the memory."""
         hook_list = super().build_hooks()
         extra = [RNGStateHook()]
-        predictors = find_gmm_predictors(self._trainer.model)
+        # mixtures learned by back-propagation (MODEL.GMM.FIT backprop) need no memory and no EM
+        predictors = [p for p in find_gmm_predictors(self._trainer.model) if p.fitted_by_em]
         if len(predictors) > 1:
             raise ValueError(f"found {len(predictors)} GMMPredictor modules; GMMSegTrainer supports one")
         if predictors:

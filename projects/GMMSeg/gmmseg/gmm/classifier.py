@@ -20,9 +20,13 @@ class GaussianMixtureClassifier(nn.Module):
     """Class scores ``log p(x | c)`` from C mixtures of K diagonal Gaussians in D dims.
 
     ``means`` and ``stds`` (C, K, D) are buffers: they get no gradient and are fitted only by EM (see
-    ``update_from_memory``); the gradient flows to the features ``x``. ``score="wta"`` (default, as the
-    reference) scores a class by its best component, ``max_k log N(x | mu_ck, s_ck)``; ``score="mixture"``
-    by the uniform mixture, ``logsumexp_k log N(x | mu_ck, s_ck) - log K``.
+    ``update_from_memory``); the gradient flows to the features ``x``. ``trainable=True`` makes them
+    parameters learned by back-propagation instead (the paper's "discriminative GMMSeg" ablation); means
+    are then L2-normalised and stds floored at ``min_std`` where they are used.
+
+    ``score="wta"`` (default, as the reference) scores a class by its best component,
+    ``max_k log N(x | mu_ck, s_ck)``; ``score="mixture"`` by the uniform mixture,
+    ``logsumexp_k log N(x | mu_ck, s_ck) - log K``.
     """
 
     means: Tensor
@@ -37,6 +41,8 @@ class GaussianMixtureClassifier(nn.Module):
         score: str = "wta",
         init_std: float = 0.02,
         generator: torch.Generator | None = None,
+        trainable: bool = False,
+        min_std: float = 0.1,
     ) -> None:
         """Initialised as the reference: means ~ trunc_normal(std=init_std), L2-normalised; stds = 1."""
         super().__init__()
@@ -46,24 +52,37 @@ class GaussianMixtureClassifier(nn.Module):
         self.num_components = num_components
         self.dim = dim
         self.score = score
+        self.trainable = trainable
+        self.min_std = min_std
         means = torch.empty(num_classes, num_components, dim)
         nn.init.trunc_normal_(means, std=init_std, generator=generator)
-        self.register_buffer("means", F.normalize(means, dim=-1))
-        self.register_buffer("stds", torch.ones(num_classes, num_components, dim))
+        stds = torch.ones(num_classes, num_components, dim)
+        if trainable:
+            self.means = nn.Parameter(F.normalize(means, dim=-1))
+            self.stds = nn.Parameter(stds)
+        else:
+            self.register_buffer("means", F.normalize(means, dim=-1))
+            self.register_buffer("stds", stds)
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, num_components={self.num_components}, dim={self.dim}, "
-            f"score={self.score!r}"
+            f"score={self.score!r}" + (", trainable=True" if self.trainable else "")
         )
+
+    def parameters_in_use(self) -> Tuple[Tensor, Tensor]:
+        """(means, stds) as the log-likelihood uses them: detached buffers, or the learned parameters
+        with unit-length means and stds of at least ``min_std``."""
+        if self.trainable:
+            return F.normalize(self.means, dim=-1), self.stds.clamp_min(self.min_std)
+        return self.means.detach(), self.stds.detach()
 
     def component_log_prob(self, x: Tensor) -> Tensor:
         """``log N(x | mu_ck, diag(s_ck^2))`` for ``x`` (..., D): ``(..., C, K)``."""
         lead = x.shape[:-1]
+        means, stds = self.parameters_in_use()
         flat = diag_gaussian_log_prob(
-            x.reshape(-1, self.dim),
-            self.means.detach().reshape(-1, self.dim),
-            self.stds.detach().reshape(-1, self.dim),
+            x.reshape(-1, self.dim), means.reshape(-1, self.dim), stds.reshape(-1, self.dim)
         )
         return flat.view(*lead, self.num_classes, self.num_components)
 

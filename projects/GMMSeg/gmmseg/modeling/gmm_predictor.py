@@ -49,8 +49,12 @@ class GMMPredictorBase(nn.Module):
         sinkhorn_iters: int = 3,
         component_loss_weight: float = 0.01,
         enqueue_correct_only: bool = True,
+        fit: str = "em",
     ) -> None:
         super().__init__()
+        if fit not in ("em", "backprop"):
+            raise ValueError(f"fit must be 'em' or 'backprop', got {fit!r}")
+        self.fit = fit
         self.num_classes = num_classes
         self.num_components = num_components
         self.embed_dim = embed_dim
@@ -68,7 +72,11 @@ class GMMPredictorBase(nn.Module):
         draws) as in earlier releases."""
         class_score, logit_norm, init_scale = self._scoring_args
         self.gmm = GaussianMixtureClassifier(
-            self.num_classes, self.num_components, self.embed_dim, score=class_score
+            self.num_classes,
+            self.num_components,
+            self.embed_dim,
+            score=class_score,
+            trainable=self.fit == "backprop",
         )
         self.logit_norm = nn.LayerNorm(self.num_classes) if logit_norm == "layernorm" else nn.Identity()
         if logit_norm == "layernorm":
@@ -89,6 +97,7 @@ class GMMPredictorBase(nn.Module):
             "sinkhorn_iters": gmm.SINKHORN_ITERS,
             "component_loss_weight": gmm.COMPONENT_LOSS_WEIGHT,
             "enqueue_correct_only": gmm.ENQUEUE_CORRECT_ONLY,
+            "fit": gmm.FIT,
         }
 
     def score(self, embeddings: Tensor) -> dict[str, Tensor]:
@@ -128,9 +137,15 @@ class GMMPredictorBase(nn.Module):
             n_iters=self.sinkhorn_iters,
         )
 
+    @property
+    def fitted_by_em(self) -> bool:
+        """Whether the mixtures are fitted by EM (``GMMEMHook``), not learned by back-propagation."""
+        return self.fit == "em"
+
     def store_em_batch(self, embeddings: Tensor, labels: Tensor, correct: Tensor) -> None:
         """Keep this step's labelled embeddings (P, D), classes (P,) and correctness (P,) for the hook."""
-        self._em_batch = {"embeddings": embeddings.detach(), "labels": labels, "correct": correct}
+        if self.fitted_by_em:
+            self._em_batch = {"embeddings": embeddings.detach(), "labels": labels, "correct": correct}
 
     def pop_em_batch(self) -> dict[str, Tensor] | None:
         """The last training step's labelled embeddings (P, D), their classes (P,) and whether the model

@@ -70,6 +70,26 @@ __all__ = [
 OWNERSHIP_FLOOR = 1e-6
 
 
+def _use_eager_mask_losses() -> None:
+    """Run Mask2Former's mask losses and matching costs eagerly instead of through ``torch.jit.script``.
+
+    TorchScript's profiling executor re-optimises scripted functions after their first calls, which
+    changes float results between a fresh process and a warm one: two identical runs in one process
+    differed, and a run resumed after a crash could not end as the uninterrupted one. The eager functions
+    compute the same losses (they are the ones Mask2Former scripts).
+    """
+    import mask2former.modeling.criterion as criterion_module
+    import mask2former.modeling.matcher as matcher_module
+
+    criterion_module.dice_loss_jit = criterion_module.dice_loss
+    criterion_module.sigmoid_ce_loss_jit = criterion_module.sigmoid_ce_loss
+    matcher_module.batch_dice_loss_jit = matcher_module.batch_dice_loss
+    matcher_module.batch_sigmoid_ce_loss_jit = matcher_module.batch_sigmoid_ce_loss
+
+
+_use_eager_mask_losses()
+
+
 @TRANSFORMER_DECODER_REGISTRY.register()
 class GMMMultiScaleMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
     """Mask2Former's masked-attention decoder with a GMM class predictor over the query embeddings.
@@ -290,6 +310,12 @@ class GMMMaskFormer(PosteriorMaskFormer):
     Training adds the component loss over the last layer's queries and the EM batch for ``GMMEMHook``:
     every query of the last layer with its label from the Hungarian matching (the matched class, or no
     object) and whether the GMM posterior's argmax agrees. Inference adds the ``anomaly`` map.
+
+    With queries, enqueue every matched query (``MODEL.GMM.ENQUEUE_CORRECT_ONLY False``, as the configs
+    do): under the pixel heads' correct-only filter, "no object" is the only class right from the start,
+    so it alone gets fitted; its small variances make its score an outlier among the class scores, the
+    LayerNorm over them squashes the real classes' logits together, and those classes never become
+    correct, so they are never fitted (on DigitScapes the class loss stayed at log 13).
     """
 
     @configurable

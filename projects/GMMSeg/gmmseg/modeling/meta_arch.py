@@ -10,6 +10,9 @@ contract. Per image, at the input's original resolution:
 - ``anomaly_scores``: {name: (H, W)} the scores named by ``TEST.ANOMALY_SCORES`` (default: ``gmm`` for
   GMM heads; ``msp``, ``entropy``, ``max_logit``, ``energy`` and, with ``TEST.MAHALANOBIS_STATS``,
   ``mahalanobis`` for softmax heads), all from the same forward pass.
+
+With ``TEST.POSTHOC_GMM`` (``tools/fit_posthoc_gmm.py``) a softmax model's classifier is replaced by GMMs
+fitted to its penultimate features after training: posteriors and the ``gmm`` score come from them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import Tensor
 
+from gmmseg.gmm import diag_gaussian_log_prob
+
 from .anomaly_scores import LOGIT_SCORES, SCORE_NAMES, MahalanobisStats, logit_scores, mahalanobis_score
+from .posthoc import PosthocGMM
 
 __all__ = ["PosteriorSemanticSegmentor"]
 
@@ -45,6 +51,7 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         *,
         anomaly_scores: tuple[str, ...] = (),
         mahalanobis_stats: MahalanobisStats | None = None,
+        posthoc_gmm: PosthocGMM | None = None,
         sliding_window: tuple[int, int] | None = None,
         sliding_stride: tuple[int, int] | None = None,
         **kwargs: Any,
@@ -63,12 +70,14 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         self.mahalanobis_stats = mahalanobis_stats
         self.sliding_window = sliding_window
         self.sliding_stride = sliding_stride
+        self.posthoc_gmm = posthoc_gmm  # plain tensors, not buffers: not part of the model's checkpoint
         self._penultimate: Tensor | None = None
-        if mahalanobis_stats is not None:
+        if mahalanobis_stats is not None or posthoc_gmm is not None:
             predictor = getattr(self.sem_seg_head, "predictor", None)
             if not isinstance(predictor, torch.nn.Module):
                 raise ValueError(
-                    "the 'mahalanobis' score needs a head with a `predictor` layer (softmax heads)"
+                    "the 'mahalanobis' score and TEST.POSTHOC_GMM need a head with a `predictor` layer "
+                    "(softmax heads)"
                 )
             predictor.register_forward_pre_hook(self._keep_penultimate)
 
@@ -79,6 +88,8 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         ret["anomaly_scores"] = tuple(test.ANOMALY_SCORES)
         if test.MAHALANOBIS_STATS:
             ret["mahalanobis_stats"] = MahalanobisStats.load(test.MAHALANOBIS_STATS)
+        if test.POSTHOC_GMM:
+            ret["posthoc_gmm"] = PosthocGMM.load(test.POSTHOC_GMM)
         if test.SLIDING_WINDOW.ENABLED:
             ret["sliding_window"] = tuple(test.SLIDING_WINDOW.SIZE)
             ret["sliding_stride"] = tuple(test.SLIDING_WINDOW.STRIDE)
@@ -139,15 +150,38 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         anomaly and Mahalanobis maps (N, h, w), all at the batch's resolution."""
         head_out, _ = self.sem_seg_head(self.backbone(images))
         maps = dict(head_out) if isinstance(head_out, dict) else {"logits": head_out}
+        if self.mahalanobis_stats is None and self.posthoc_gmm is None:
+            return maps
+        features, self._penultimate = self._penultimate, None
+        if features is None:
+            raise RuntimeError("the head's predictor was not called: no penultimate features")
         if self.mahalanobis_stats is not None:
-            features, self._penultimate = self._penultimate, None
-            if features is None:
-                raise RuntimeError("the head's predictor was not called: no penultimate features")
             dist = torch.stack([mahalanobis_score(f, self.mahalanobis_stats) for f in features])
             maps["mahalanobis"] = F.interpolate(
                 dist[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False
             )[:, 0]
+        if self.posthoc_gmm is not None:
+            scores = self._posthoc_class_scores(features)  # (N, C, h, w) log p(x|c)
+            logits = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            maps["logits"] = logits
+            maps["anomaly"] = -logits.amax(dim=1)
         return maps
+
+    def _posthoc_class_scores(self, features: Tensor) -> Tensor:
+        """Best-component log-likelihood of each class under the post-hoc GMMs: (N, F, h, w) ->
+        (N, C, h, w)."""
+        means = self.posthoc_gmm.means.to(features.device)
+        stds = self.posthoc_gmm.stds.to(features.device)
+        num_classes, k, dim = means.shape
+        n, f, h, w = features.shape
+        if f != dim:
+            raise ValueError(
+                f"TEST.POSTHOC_GMM has {dim}-d mixtures but the head's features have {f} channels"
+            )
+        flat = features.permute(0, 2, 3, 1).reshape(-1, f).float()
+        comp = diag_gaussian_log_prob(flat, means.reshape(-1, dim), stds.reshape(-1, dim))
+        scores = comp.view(n, h, w, num_classes, k).amax(dim=-1)
+        return scores.permute(0, 3, 1, 2)
 
     def _sliding_maps(self, image: Tensor) -> dict[str, Tensor]:
         """Average the window outputs over a (3, H, W) image; windows overlap by ``size - stride``."""

@@ -1,0 +1,292 @@
+"""Speed and memory of whole models with the GMM classifier against the same models with softmax, in one run.
+
+1. Inference on a 512x1024 image (the paper's Cityscapes-like setting), as users run it: backbone, head,
+   class posteriors at the input resolution and one anomaly score (GMMSeg: ``-max_c log p(x|c)``;
+   softmax: MSP). Median time and peak extra memory of the call, for each softmax / GMM pair of configs.
+2. One training step (forward, backward, optimizer step) on a batch of 512x512 crops, for the softmax and
+   the GMM model, and the cost of the GMM's EM hook after it: the E-step and enqueue of every step, the
+   M-step (every ``MODEL.GMM.UPDATE_INTERVAL`` steps) and their per-step average.
+3. The GMM core against the reference formulation (``benchmarks/gmm_core.py``'s two tables).
+
+All ratios in a table come from the same run on the same machine. Timing: median over repeats after a
+warm-up; on CUDA with CUDA events and synchronisation (``gmm_core.time_call``). Peak memory: on CPU the
+growth of the process's peak resident set over the call, each call in a fresh subprocess after a warm-up
+call (``gmm_core.peak_rss_growth``); on CUDA the growth of ``torch.cuda.max_memory_allocated``.
+
+Usage: ``python benchmarks/speed.py [--device cpu|cuda] [--quick] [--threads 2] [--pairs ...]
+[--output FILE]``
+(``--quick``: 128x256 inputs, 1 repeat, the small core tables: a pipeline check in seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gmm_core  # noqa: E402  (this folder's core benchmark: timing and peak-memory helpers)
+
+REPO = Path(__file__).resolve().parent.parent
+# softmax / GMM config pairs (configs/<pair>_softmax.yaml, configs/<pair>_gmmseg.yaml)
+DEFAULT_PAIRS = (
+    "digitscapes/deeplabv3plus_R18",
+    "digitscapes/mask2former_R18",
+    "cityscapes/deeplabv3plus_R101",
+)
+SYNC_NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.SEM_SEG_HEAD.NORM", "MODEL.FPN.NORM")
+
+
+def load_model(config: Path, device: str, training: bool):
+    """The config's model on ``device`` (random weights: speed does not depend on them), one anomaly
+    score, plain BN instead of SyncBN (one process)."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from gmmseg import add_gmmseg_config
+
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.merge_from_file(str(config))
+    opts = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]
+    is_gmm = "GMM" in cfg.MODEL.META_ARCHITECTURE or cfg.MODEL.SEM_SEG_HEAD.NAME.startswith("GMM")
+    opts += ["TEST.ANOMALY_SCORES", "('gmm',)" if is_gmm else "('msp',)"]
+    opts += ["TEST.SLIDING_WINDOW.ENABLED", "False"]
+    for key in SYNC_NORM_KEYS:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if value in ("SyncBN", "nnSyncBN", "naiveSyncBN"):  # needs a process group
+            opts += [key, "BN"]
+    if cfg.INPUT.CROP.ENABLED:  # DeepLabV3+'s ASPP pools with a window of CROP.SIZE / 16
+        opts += ["INPUT.CROP.SIZE", "(512, 512)"]
+    cfg.merge_from_list(opts)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train(training)
+    return cfg, model
+
+
+def inference_inputs(size: tuple[int, int], device: str) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8).to(device)
+    return [{"image": image, "height": size[0], "width": size[1]}]
+
+
+def training_inputs(size: tuple[int, int], batch: int, num_classes: int, device: str) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(batch):
+        image = torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8)
+        # blocky labels: every class present, as in a real scene
+        coarse = torch.randint(0, num_classes, (size[0] // 32, size[1] // 32), generator=g)
+        label = coarse.repeat_interleave(32, 0).repeat_interleave(32, 1)
+        out.append({"image": image.to(device), "sem_seg": label.to(device)})
+    return out
+
+
+def _peak_child(config: str, device: str, size: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _, model = load_model(Path(config), device, training=False)
+    inputs = inference_inputs(tuple(int(v) for v in size.split("x")), device)
+    with torch.no_grad():
+        model(inputs)  # warm-up: lazy initialisation, thread pools, allocator
+        print(gmm_core.peak_rss_growth(lambda: model(inputs)))
+
+
+def inference_peak(config: Path, device: torch.device, size: tuple[int, int], threads: int, model) -> int:
+    if device.type == "cuda":
+        inputs = inference_inputs(size, str(device))
+        with torch.no_grad():
+            model(inputs)
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            model(inputs)
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - base
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_peak",
+        str(config),
+        "--_size",
+        f"{size[0]}x{size[1]}",
+    ]
+    cmd += ["--threads", str(threads), "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if res.returncode != 0:
+        raise RuntimeError(f"peak-memory subprocess failed for {config}:\n{res.stderr[-2000:]}")
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+def bench_inference(pairs, device: torch.device, size, repeats: int, threads: int) -> list[dict]:
+    rows = []
+    for pair in pairs:
+        for kind in ("softmax", "gmmseg"):
+            config = REPO / "configs" / f"{pair}_{kind}.yaml"
+            _, model = load_model(config, str(device), training=False)
+            inputs = inference_inputs(size, str(device))
+            with torch.no_grad():
+                seconds = gmm_core.time_call(lambda m=model, x=inputs: m(x), device, repeats)
+            peak = inference_peak(config, device, size, threads, model)
+            params = sum(p.numel() for p in model.parameters())
+            rows.append({"pair": pair, "kind": kind, "seconds": seconds, "peak": peak, "params": params})
+            del model
+    return rows
+
+
+def bench_training(pairs, device: torch.device, size, batch: int, repeats: int) -> list[dict]:
+    from gmmseg.engine.hooks import GMMEMHook, find_gmm_predictors
+    from gmmseg.solver import build_optimizer
+
+    rows = []
+    for pair in pairs:
+        for kind in ("softmax", "gmmseg"):
+            config = REPO / "configs" / f"{pair}_{kind}.yaml"
+            cfg, model = load_model(config, str(device), training=True)
+            optimizer = build_optimizer(cfg, model)
+            inputs = training_inputs(size, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, str(device))
+
+            def step(m=model, opt=optimizer, x=inputs):
+                loss = sum(m(x).values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            seconds = gmm_core.time_call(step, device, repeats)
+            row = {"pair": pair, "kind": kind, "step": seconds}
+            predictors = find_gmm_predictors(model)
+            if predictors:
+                predictor = predictors[0]
+                hook = GMMEMHook.from_config(cfg, predictor)
+                step()  # leaves this step's EM batch in the predictor
+                batch_em = predictor.pop_em_batch()
+
+                def em_update(h=hook, b=batch_em):
+                    h.update(b["embeddings"], b["labels"], b["correct"])
+
+                def m_step(h=hook):
+                    h.seen.fill_(True)  # every class updated: the worst case
+                    h._m_step()
+
+                row["e_step_enqueue"] = gmm_core.time_call(em_update, device, repeats)
+                row["m_step"] = gmm_core.time_call(m_step, device, repeats)
+                row["interval"] = cfg.MODEL.GMM.UPDATE_INTERVAL
+                row["hook"] = row["e_step_enqueue"] + row["m_step"] / row["interval"]
+                row["pixels"] = int(batch_em["labels"].numel())
+            rows.append(row)
+            del model, optimizer
+    return rows
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.1f} ms"
+
+
+def inference_table(rows: list[dict], size) -> str:
+    lines = [
+        f"### Inference, one {size[0]}x{size[1]} image (posteriors + one anomaly score at input resolution)",
+        "",
+        "| model | classifier | parameters | time | GMM / softmax time | peak extra memory "
+        "| GMM / softmax memory |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    by_pair: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_pair.setdefault(row["pair"], {})[row["kind"]] = row
+    for pair, kinds in by_pair.items():
+        soft, gmm = kinds["softmax"], kinds["gmmseg"]
+        lines.append(
+            f"| {pair} | softmax | {soft['params'] / 1e6:,.2f} M | {ms(soft['seconds'])} | 1.00 | "
+            f"{gmm_core.mib(soft['peak'])} | 1.00 |"
+        )
+        lines.append(
+            f"| {pair} | GMM | {gmm['params'] / 1e6:,.2f} M | {ms(gmm['seconds'])} | "
+            f"{gmm['seconds'] / soft['seconds']:.2f} | {gmm_core.mib(gmm['peak'])} | "
+            f"{gmm['peak'] / max(soft['peak'], 1):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def training_table(rows: list[dict], size, batch: int) -> str:
+    lines = [
+        f"### Training step, batch {batch} x {size[0]}x{size[1]} (forward, backward, optimizer step) "
+        "and the EM hook",
+        "",
+        "| model | softmax step | GMM step | GMM / softmax | E-step + enqueue | M-step (every n) "
+        "| hook per step | hook / GMM step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    by_pair: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_pair.setdefault(row["pair"], {})[row["kind"]] = row
+    for pair, kinds in by_pair.items():
+        soft, gmm = kinds["softmax"], kinds["gmmseg"]
+        lines.append(
+            f"| {pair} | {ms(soft['step'])} | {ms(gmm['step'])} | {gmm['step'] / soft['step']:.2f} | "
+            f"{ms(gmm['e_step_enqueue'])} | {ms(gmm['m_step'])} (n = {gmm['interval']}) | "
+            f"{ms(gmm['hook'])} | {100 * gmm['hook'] / gmm['step']:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="small inputs, one repeat: a pipeline check")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--pairs", nargs="+", default=list(DEFAULT_PAIRS), help="config pairs under configs/")
+    parser.add_argument("--skip-core", action="store_true", help="leave out the GMM core tables")
+    parser.add_argument("--output", default=None, help="also write the tables (Markdown) to this file")
+    parser.add_argument("--json", default=None, help="also write the raw measurements to this JSON file")
+    parser.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_size", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args._peak:
+        _peak_child(args._peak, args.device, args._size, args.threads)
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    size = (128, 256) if args.quick else (512, 1024)
+    crop, batch = ((128, 128), 1) if args.quick else ((512, 512), 2)
+    repeats = 1 if args.quick else 5
+    desc = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    if device.type == "cuda":
+        desc = torch.cuda.get_device_name(device)
+    header = (
+        f"torch {torch.__version__}, {desc}, torch threads {torch.get_num_threads()}, quick={args.quick}, "
+        f"median of {repeats} after a warm-up\n"
+    )
+    print(header, flush=True)
+    start = time.time()
+    inference = bench_inference(args.pairs, device, size, repeats, args.threads)
+    tables = [header, inference_table(inference, size)]
+    print(tables[-1], flush=True)
+    training = bench_training(args.pairs, device, crop, batch, repeats)
+    tables.append(training_table(training, crop, batch))
+    print(tables[-1], flush=True)
+    if not args.skip_core:
+        tables.append(gmm_core.bench_loglik(device, args.quick, args.threads))
+        print(tables[-1], flush=True)
+        tables.append(gmm_core.bench_memory(device, args.quick))
+        print(tables[-1], flush=True)
+    print(f"(benchmark took {time.time() - start:,.0f} s)")
+    if args.output:
+        Path(args.output).write_text("\n".join(tables))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"inference": inference, "training": training}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

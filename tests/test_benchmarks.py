@@ -1,0 +1,54 @@
+"""The benchmark scripts run end to end in their quick mode (a pipeline check, not the numbers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_gmm_core_quick():
+    out = _run("gmm_core.py", "--quick", "--threads", "1").stdout
+    assert "### Component log-likelihoods" in out or "log-likelihood" in out.lower()
+    assert "looped (reference)" in out
+
+
+@pytest.mark.slow
+def test_speed_quick_measures_both_classifiers(tmp_path):
+    table, raw = tmp_path / "speed.md", tmp_path / "speed.json"
+    pairs = ["digitscapes/deeplabv3plus_R18", "digitscapes/mask2former_R18"]
+    out = _run(
+        "speed.py", "--quick", "--threads", "1", "--pairs", *pairs, "--output", str(table), "--json", str(raw)
+    ).stdout
+    assert "### Inference, one 128x256 image" in out and "### Training step" in out
+    assert "looped (reference)" in out  # the GMM core tables are part of the same run
+    assert table.read_text().count("| digitscapes/") == 6  # 2 inference rows per pair + 1 training row
+    measured = json.loads(raw.read_text())
+    assert {(r["pair"], r["kind"]) for r in measured["inference"]} == {
+        (p, k) for p in pairs for k in ("softmax", "gmmseg")
+    }
+    for row in measured["inference"]:
+        assert row["seconds"] > 0 and row["peak"] >= 0 and row["params"] > 0
+    gmm_rows = [r for r in measured["training"] if r["kind"] == "gmmseg"]
+    assert len(gmm_rows) == 2
+    for row in gmm_rows:  # the hook's cost was measured on a real EM batch
+        assert row["e_step_enqueue"] > 0 and row["m_step"] > 0 and row["pixels"] > 0
+    assert all("e_step_enqueue" not in r for r in measured["training"] if r["kind"] == "softmax")
