@@ -204,12 +204,15 @@ def test_ablation_variants_train(tiny_digitscapes, tmp_path):
     config = CONFIGS / "deeplabv3plus_R18_gmmseg.yaml"
     out = tmp_path / "batch_only"
     _run(
-        [*TINY, "DATASETS.TEST", "()", "MODEL.GMM.MEMORY_CAPACITY", "0", "OUTPUT_DIR", str(out)],
+        [*TINY, "DATASETS.TEST", "()", "MODEL.GMM.MEMORY_CAPACITY", "0", "MODEL.GMM.UPDATE_INTERVAL", "2"]
+        + ["OUTPUT_DIR", str(out)],
         tiny_digitscapes,
         config,
     )
     hooks = torch.load(out / "model_final.pth", weights_only=True)["trainer"]["hooks"]
-    assert int(hooks["GMMEMHook"]["memory"]["count"].sum()) == 0  # emptied after the last M-step
+    memory = hooks["GMMEMHook"]["memory"]
+    assert memory["features"].shape[2] == 2 * 20  # room for UPDATE_INTERVAL steps of MEMORY_PER_STEP
+    assert int(memory["count"].sum()) == 0  # emptied by the M-step after the last iteration
 
     out = tmp_path / "backprop"
     _run(
