@@ -98,3 +98,24 @@ def test_second_run_takes_the_fast_path():
     )
     assert proc.returncode == 0, proc.stderr
     assert "environment up to date" in proc.stdout or "environment ready" in proc.stdout
+
+
+def test_maskformer2_patch_drops_url_requirements_and_the_cuda_extension(tmp_path, monkeypatch):
+    monkeypatch.delenv("GMMSEG_MASK2FORMER_CUDA_OPS", raising=False)
+    (tmp_path / "setup.py").write_text(
+        "setup(\n"
+        "    install_requires=[\n"
+        '        "detectron2 @ https://github.com/facebookresearch/detectron2/archive/v0.6.zip",\n'
+        '        "scipy>=1.7.3",\n'
+        '        "panopticapi @ https://github.com/xvjiarui/panopticapi/archive/master.zip",\n'
+        '        "lvis @ https://github.com/lvis-dataset/lvis-api/archive/master.zip",\n'
+        "    ],\n"
+        "    ext_modules=get_extensions(),\n"
+        ")\n"
+    )
+    install._patch_maskformer2_setup(tmp_path)
+    text = (tmp_path / "setup.py").read_text()
+    assert "@ https://" not in text and '"scipy>=1.7.3"' in text
+    assert "ext_modules=[]," in text
+    with pytest.raises(install.StepFailed, match="three URL requirements"):
+        install._patch_maskformer2_setup(tmp_path)  # already patched: the sdist is not what we expect

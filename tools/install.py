@@ -11,6 +11,8 @@ Usage: ``python3 tools/install.py [--force]``. Environment:
                               detectron2 installed system-wide is seen and kept
   GMMSEG_DETECTRON2_SRC       a detectron2 source checkout to build (with its compiled ops) instead of the
                               registry sdist
+  GMMSEG_MASK2FORMER_CUDA_OPS 1 = build Mask2Former's deformable-attention CUDA op (needs nvcc and a GPU);
+                              otherwise it runs in pure PyTorch
 """
 
 from __future__ import annotations
@@ -220,15 +222,15 @@ def _pip_index_url(python: Path) -> str:
 def download_sdist(python: Path, project: str, version: str, dest: Path) -> Path:
     """Fetch ``project==version``'s sdist from the index, checking its sha256.
 
-    ``pip download`` cannot be used: it prepares the package metadata, and recent pips reject
-    pb1-detectron2's metadata (a direct-URL dependency in an extra) and its setup.py imports torch.
+    ``pip download`` cannot be used: it prepares the package metadata, and recent pips reject the
+    metadata of pb1-detectron2 and maskformer2 (direct-URL dependencies), whose setup.py also imports torch.
     """
     import re
     import ssl
     import urllib.request
 
-    step = "download detectron2 sdist"
-    advice = "check that the package registry is reachable, or install detectron2 yourself (README)."
+    step = f"download {project} sdist"
+    advice = f"check that the package registry is reachable, or install {project} yourself (README)."
     index = _pip_index_url(python).rstrip("/")
     context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
     page_url = f"{index}/{project}/"
@@ -266,6 +268,14 @@ def download_sdist(python: Path, project: str, version: str, dest: Path) -> Path
     return target
 
 
+def _extract(archive: Path, dest: Path) -> None:
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # Python < 3.11.4 has no extraction filters
+            tar.extractall(dest)
+
+
 def step_detectron2(python: Path, pins: dict[str, str]) -> None:
     ok, line = _detectron2_works(python)
     if ok:
@@ -289,11 +299,7 @@ def step_detectron2(python: Path, pins: dict[str, str]) -> None:
             archive = download_sdist(
                 python, DETECTRON2_SDIST, pinned_version(pins[DETECTRON2_SDIST]), tmp_path
             )
-            with tarfile.open(archive) as tar:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(tmp_path, filter="data")
-                else:  # Python < 3.11.4 has no extraction filters
-                    tar.extractall(tmp_path)
+            _extract(archive, tmp_path)
             source = next(p for p in tmp_path.iterdir() if p.is_dir())
             _patch_sdist_setup(source)
             run(
@@ -309,17 +315,51 @@ def step_detectron2(python: Path, pins: dict[str, str]) -> None:
     log(f"detectron2: installed ({line})")
 
 
+def _patch_maskformer2_setup(source: Path) -> None:
+    """Drop maskformer2's direct-URL requirements (pip >= 23.3 refuses to install a registry package that
+    declares them; its dependencies are pinned and installed separately) and, unless
+    GMMSEG_MASK2FORMER_CUDA_OPS=1, its CUDA extension (Mask2Former then runs its deformable attention in
+    pure PyTorch)."""
+    setup_py = source / "setup.py"
+    lines = setup_py.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if " @ https://" not in line]
+    if len(lines) - len(kept) != 3:
+        raise StepFailed(
+            f"step 'build Mask2Former' failed: {setup_py} no longer has its three URL requirements.\n"
+            "What to do: the sdist changed; install maskformer2 yourself (README)."
+        )
+    text = "".join(kept)
+    if os.environ.get("GMMSEG_MASK2FORMER_CUDA_OPS") != "1":
+        if "ext_modules=get_extensions()," not in text:
+            raise StepFailed(f"step 'build Mask2Former' failed: unexpected {setup_py}.")
+        text = text.replace("ext_modules=get_extensions(),", "ext_modules=[],")
+    setup_py.write_text(text)
+
+
 def step_mask2former(python: Path, pins: dict[str, str]) -> None:
-    """Mask2Former and timm, without their declared dependencies (maskformer2's are URL-pinned)."""
+    """Mask2Former (from its sdist, patched) and timm, without their declared dependencies."""
     wanted = {name: pins[name] for name in NO_DEPS_PACKAGES if name in pins}
     have = installed_versions(python, sorted(wanted))
-    missing = [req for name, req in wanted.items() if have.get(name) != pinned_version(req)]
-    if missing:
+    missing = {name: req for name, req in wanted.items() if have.get(name) != pinned_version(req)}
+    others = [req for name, req in missing.items() if name != "maskformer2"]
+    if others:
         run(
-            [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *missing],
-            "install Mask2Former",
-            "check the registry is reachable; maskformer2's setup.py needs torch installed first.",
+            [str(python), "-m", "pip", "install", "-q", "--no-deps", *others],
+            "install timm",
+            "check the registry is reachable; the pins live in requirements/pins.txt.",
         )
+    if "maskformer2" in missing:
+        with tempfile.TemporaryDirectory(prefix="gmmseg-m2f-") as tmp:
+            tmp_path = Path(tmp)
+            archive = download_sdist(python, "maskformer2", pinned_version(pins["maskformer2"]), tmp_path)
+            _extract(archive, tmp_path)
+            source = next(p for p in tmp_path.iterdir() if p.is_dir())
+            _patch_maskformer2_setup(source)
+            run(
+                [str(python), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", str(source)],
+                "build Mask2Former",
+                "see the errors above; maskformer2's setup.py needs torch installed first.",
+            )
     ok, line = probe(
         python,
         "import warnings; warnings.simplefilter('ignore'); import mask2former, os; "
@@ -330,7 +370,7 @@ def step_mask2former(python: Path, pins: dict[str, str]) -> None:
             f"step 'check Mask2Former' failed: it does not import ({line}).\n"
             "What to do: it needs detectron2, timm and scipy; see the error above."
         )
-    log(f"Mask2Former: {'installed' if missing else 'present'} ({line})")
+    log(f"Mask2Former: {'installed' if 'maskformer2' in missing else 'present'} ({line})")
 
 
 def step_gmmseg(python: Path) -> None:
