@@ -52,3 +52,28 @@ def test_speed_quick_measures_both_classifiers(tmp_path):
     for row in gmm_rows:  # the hook's cost was measured on a real EM batch
         assert row["e_step_enqueue"] > 0 and row["m_step"] > 0 and row["pixels"] > 0
     assert all("e_step_enqueue" not in r for r in measured["training"] if r["kind"] == "softmax")
+
+
+@pytest.mark.slow
+def test_digitscapes_benchmark_quick_runs_resumes_and_reports(tmp_path):
+    out = tmp_path / "bench"
+    args = ["--quick", "--output", str(out), "--only", "gmmseg_memory0", "softmax_posthoc_gmm"]
+    stdout = _run("digitscapes.py", *args).stdout
+    assert "softmax + GMM fitted afterwards" in stdout
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    # softmax (needed by the post-hoc variant) was added: msp and entropy rows, then one row each
+    assert [(r["variant"], r["score"]) for r in rows] == [
+        ("softmax", "msp"),
+        ("softmax", "entropy"),
+        ("gmmseg_memory0", "gmm"),
+        ("softmax_posthoc_gmm", "gmm"),
+    ]
+    for row in rows:
+        for key in ("mIoU", "ECE", "AUROC", "AP", "FPR95", "near/AP", "far/FPR95"):
+            assert 0.0 <= row[key] <= 100.0, (row["variant"], key)
+    assert (out / "results.png").stat().st_size > 0
+    assert (out / "results.md").read_text().count("\n| ") == 6  # header, separator, 4 rows
+    # a second run reuses the finished variants: nothing is trained or evaluated again
+    logs = {p: p.stat().st_size for p in out.glob("*/log.txt")}
+    _run("digitscapes.py", *args)
+    assert {p: p.stat().st_size for p in out.glob("*/log.txt")} == logs
