@@ -187,6 +187,14 @@ def bench_training(pairs, device: torch.device, size, batch: int, repeats: int) 
     return rows
 
 
+def by_pair(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """{pair: {"softmax": row, "gmmseg": row}} in the order measured."""
+    grouped: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        grouped.setdefault(row["pair"], {})[row["kind"]] = row
+    return grouped
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.1f} ms"
 
@@ -199,10 +207,7 @@ def inference_table(rows: list[dict], size) -> str:
         "| GMM / softmax memory |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    by_pair: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        by_pair.setdefault(row["pair"], {})[row["kind"]] = row
-    for pair, kinds in by_pair.items():
+    for pair, kinds in by_pair(rows).items():
         soft, gmm = kinds["softmax"], kinds["gmmseg"]
         lines.append(
             f"| {pair} | softmax | {soft['params'] / 1e6:,.2f} M | {ms(soft['seconds'])} | 1.00 | "
@@ -225,10 +230,7 @@ def training_table(rows: list[dict], size, batch: int) -> str:
         "| hook per step | hook / GMM step |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    by_pair: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        by_pair.setdefault(row["pair"], {})[row["kind"]] = row
-    for pair, kinds in by_pair.items():
+    for pair, kinds in by_pair(rows).items():
         soft, gmm = kinds["softmax"], kinds["gmmseg"]
         lines.append(
             f"| {pair} | {ms(soft['step'])} | {ms(gmm['step'])} | {gmm['step'] / soft['step']:.2f} | "

@@ -35,15 +35,18 @@ TINY = [
 ]
 
 
-def _run(args: list[str], datasets: Path, config: Path = CONFIG) -> str:
+def _run(
+    args: list[str], datasets: Path, config: Path = CONFIG, script: str = "train_net.py", timeout: float = 600
+) -> str:
+    """Run ``script`` (train_net.py or a tool under tools/) on ``config``; it must succeed."""
     env = {**os.environ, "DETECTRON2_DATASETS": str(datasets), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train_net.py"), "--config-file", str(config), *args],
+        [sys.executable, str(REPO / script), "--config-file", str(config), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
@@ -93,25 +96,14 @@ def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path, confi
     extra = []
     if config.name == "deeplabv3plus_R18_softmax.yaml":  # the fifth post-hoc score: Mahalanobis
         stats = tmp_path / "mahalanobis.pth"
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "tools" / "fit_mahalanobis.py"),
-                "--config-file",
-                str(config),
-                "--output",
-                str(stats),
-                *TINY,
-                "MODEL.WEIGHTS",
-                str(out / "model_final.pth"),
-            ],
-            cwd=REPO,
-            env={**os.environ, "DETECTRON2_DATASETS": str(tiny_digitscapes)},
-            capture_output=True,
-            text=True,
-            timeout=300,
+        weights = ["MODEL.WEIGHTS", str(out / "model_final.pth")]
+        _run(
+            ["--output", str(stats), *TINY, *weights],
+            tiny_digitscapes,
+            config,
+            "tools/fit_mahalanobis.py",
+            300,
         )
-        assert proc.returncode == 0, proc.stderr[-3000:]
         extra = ["TEST.MAHALANOBIS_STATS", str(stats)]
     _run(
         [
@@ -134,29 +126,22 @@ def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path, confi
         assert 0.0 <= again["mahalanobis/AUROC"] <= 100.0
         # the post-hoc GMM ablation: mixtures fitted to the frozen features replace the classifier
         gmm_file = tmp_path / "posthoc_gmm.pth"
-        proc = subprocess.run(
+        _run(
             [
-                sys.executable,
-                str(REPO / "tools" / "fit_posthoc_gmm.py"),
-                "--config-file",
-                str(config),
                 "--output",
                 str(gmm_file),
                 "--per-image",
                 "20",
                 *TINY,
-                "MODEL.WEIGHTS",
-                str(out / "model_final.pth"),
+                *weights,
                 "MODEL.GMM.NUM_COMPONENTS",
                 "2",
             ],
-            cwd=REPO,
-            env={**os.environ, "DETECTRON2_DATASETS": str(tiny_digitscapes)},
-            capture_output=True,
-            text=True,
-            timeout=300,
+            tiny_digitscapes,
+            config,
+            "tools/fit_posthoc_gmm.py",
+            300,
         )
-        assert proc.returncode == 0, proc.stderr[-3000:]
         posthoc_out = tmp_path / "posthoc"
         _run(
             [

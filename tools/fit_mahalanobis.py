@@ -17,31 +17,17 @@ import argparse
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader
-from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from gmmseg import add_gmmseg_config, validate_gmmseg_config
-from gmmseg.data.dataset_mapper import TrainLabelsMapper
 from gmmseg.modeling.anomaly_scores import MahalanobisStats
-from gmmseg.modeling.posthoc import labelled_penultimate_features
+from gmmseg.modeling.posthoc import statistics_config, training_set_features
 
 
 def fit(cfg, max_images: int | None = None) -> MahalanobisStats:
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
-    loader = build_detection_test_loader(
-        cfg, cfg.DATASETS.TRAIN[0], mapper=TrainLabelsMapper(cfg, is_train=False)
-    )
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     sums = counts = outer = None
     try:
-        for x, labels in labelled_penultimate_features(
-            model, loader, num_classes, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, max_images
-        ):
+        for x, labels in training_set_features(cfg, max_images):
             if sums is None:
                 f = x.shape[1]
                 sums = torch.zeros(num_classes, f, dtype=torch.float64, device=x.device)
@@ -67,14 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS path")
     args = parser.parse_args(argv)
     setup_logger(name="gmmseg")
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.TEST.ANOMALY_SCORES = []
-    cfg.TEST.MAHALANOBIS_STATS = ""
-    validate_gmmseg_config(cfg)
-    cfg.freeze()
+    cfg = statistics_config(args.config_file, args.opts)
     stats = fit(cfg, args.max_images)
     stats.save(args.output)
     print(f"wrote {args.output}: means {tuple(stats.means.shape)}, precision {tuple(stats.precision.shape)}")

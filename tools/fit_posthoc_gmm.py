@@ -19,30 +19,17 @@ import argparse
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader
-from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from gmmseg import add_gmmseg_config, validate_gmmseg_config
-from gmmseg.data.dataset_mapper import TrainLabelsMapper
-from gmmseg.modeling.posthoc import fit_posthoc_gmm, labelled_penultimate_features
+from gmmseg.modeling.posthoc import fit_posthoc_gmm, statistics_config, training_set_features
 
 
 def collect(cfg, per_image: int, max_per_class: int, max_images: int | None, seed: int) -> list[torch.Tensor]:
     """Random penultimate features of every class over the training set: a list of (N_c, F) float32."""
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
-    mapper = TrainLabelsMapper(cfg, is_train=False)
-    loader = build_detection_test_loader(cfg, cfg.DATASETS.TRAIN[0], mapper=mapper)
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     generator = torch.Generator().manual_seed(seed)
     kept: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
-    features = labelled_penultimate_features(
-        model, loader, num_classes, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, max_images
-    )
+    features = training_set_features(cfg, max_images)
     for x, labels in features:
         x, labels = x.float().cpu(), labels.cpu()
         order = torch.randperm(len(labels), generator=generator)  # random pixels of each class
@@ -78,15 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS path")
     args = parser.parse_args(argv)
     setup_logger(name="gmmseg")
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.TEST.ANOMALY_SCORES = []
-    cfg.TEST.MAHALANOBIS_STATS = ""
-    cfg.TEST.POSTHOC_GMM = ""
-    validate_gmmseg_config(cfg)
-    cfg.freeze()
+    cfg = statistics_config(args.config_file, args.opts)
     try:
         features = collect(cfg, args.per_image, args.max_per_class, args.max_images, args.seed)
         gmm = fit_posthoc_gmm(features, cfg.MODEL.GMM.NUM_COMPONENTS, seed=args.seed)

@@ -28,6 +28,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 PINS = REPO / "requirements" / "pins.txt"
@@ -268,12 +269,31 @@ def download_sdist(python: Path, project: str, version: str, dest: Path) -> Path
     return target
 
 
-def _extract(archive: Path, dest: Path) -> None:
-    with tarfile.open(archive) as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(dest, filter="data")
-        else:  # Python < 3.11.4 has no extraction filters
-            tar.extractall(dest)
+def build_patched_sdist(
+    python: Path,
+    project: str,
+    version: str,
+    patch: Callable[[Path], None],
+    step: str,
+    advice: str,
+) -> None:
+    """Download ``project==version``'s sdist, unpack it, ``patch`` its source tree, and pip-install it into
+    the venv without build isolation (its setup.py imports torch) and without its declared dependencies."""
+    with tempfile.TemporaryDirectory(prefix=f"gmmseg-{project}-") as tmp:
+        tmp_path = Path(tmp)
+        archive = download_sdist(python, project, version, tmp_path)
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp_path, filter="data")
+            else:  # Python < 3.11.4 has no extraction filters
+                tar.extractall(tmp_path)
+        source = next(p for p in tmp_path.iterdir() if p.is_dir())
+        patch(source)
+        run(
+            [str(python), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", str(source)],
+            step,
+            advice,
+        )
 
 
 def step_detectron2(python: Path, pins: dict[str, str]) -> None:
@@ -294,19 +314,14 @@ def step_detectron2(python: Path, pins: dict[str, str]) -> None:
             "see the build errors above; detectron2's compiled ops need a C++ compiler (and nvcc for CUDA).",
         )
     else:
-        with tempfile.TemporaryDirectory(prefix="gmmseg-d2-") as tmp:
-            tmp_path = Path(tmp)
-            archive = download_sdist(
-                python, DETECTRON2_SDIST, pinned_version(pins[DETECTRON2_SDIST]), tmp_path
-            )
-            _extract(archive, tmp_path)
-            source = next(p for p in tmp_path.iterdir() if p.is_dir())
-            _patch_sdist_setup(source)
-            run(
-                [str(python), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", str(source)],
-                "build detectron2 (without compiled ops)",
-                advice,
-            )
+        build_patched_sdist(
+            python,
+            DETECTRON2_SDIST,
+            pinned_version(pins[DETECTRON2_SDIST]),
+            _patch_sdist_setup,
+            "build detectron2 (without compiled ops)",
+            advice,
+        )
     ok, line = _detectron2_works(python)
     if not ok:
         raise StepFailed(
@@ -349,17 +364,14 @@ def step_mask2former(python: Path, pins: dict[str, str]) -> None:
             "check the registry is reachable; the pins live in requirements/pins.txt.",
         )
     if "maskformer2" in missing:
-        with tempfile.TemporaryDirectory(prefix="gmmseg-m2f-") as tmp:
-            tmp_path = Path(tmp)
-            archive = download_sdist(python, "maskformer2", pinned_version(pins["maskformer2"]), tmp_path)
-            _extract(archive, tmp_path)
-            source = next(p for p in tmp_path.iterdir() if p.is_dir())
-            _patch_maskformer2_setup(source)
-            run(
-                [str(python), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", str(source)],
-                "build Mask2Former",
-                "see the errors above; maskformer2's setup.py needs torch installed first.",
-            )
+        build_patched_sdist(
+            python,
+            "maskformer2",
+            pinned_version(pins["maskformer2"]),
+            _patch_maskformer2_setup,
+            "build Mask2Former",
+            "see the errors above; maskformer2's setup.py needs torch installed first.",
+        )
     ok, line = probe(
         python,
         "import warnings; warnings.simplefilter('ignore'); import mask2former, os; "

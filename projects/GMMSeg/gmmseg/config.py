@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from detectron2.config import CfgNode as CN
 from detectron2.projects.deeplab import add_deeplab_config
 
@@ -296,23 +298,13 @@ def _validate_test(test: CN) -> None:
         test.MAHALANOBIS_STATS,
         "a statistics file (tools/fit_mahalanobis.py) when TEST.ANOMALY_SCORES has 'mahalanobis'",
     )
-    if test.MAHALANOBIS_STATS:
-        import os
-
+    for key, tool in (("MAHALANOBIS_STATS", "fit_mahalanobis.py"), ("POSTHOC_GMM", "fit_posthoc_gmm.py")):
+        path = getattr(test, key)
         _check(
-            os.path.isfile(test.MAHALANOBIS_STATS),
-            "TEST.MAHALANOBIS_STATS",
-            test.MAHALANOBIS_STATS,
-            "an existing file (tools/fit_mahalanobis.py writes it)",
-        )
-    if test.POSTHOC_GMM:
-        import os
-
-        _check(
-            os.path.isfile(test.POSTHOC_GMM),
-            "TEST.POSTHOC_GMM",
-            test.POSTHOC_GMM,
-            "an existing file (tools/fit_posthoc_gmm.py writes it)",
+            not path or os.path.isfile(path),
+            f"TEST.{key}",
+            path,
+            f"an existing file (tools/{tool} writes it)",
         )
     _check(
         test.ANOMALY_EVAL_MODE in ("auto", "exact", "histogram"),

@@ -27,8 +27,6 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import Tensor
 
-from gmmseg.gmm import diag_gaussian_log_prob
-
 from .anomaly_scores import LOGIT_SCORES, SCORE_NAMES, MahalanobisStats, logit_scores, mahalanobis_score
 from .posthoc import PosthocGMM
 
@@ -161,27 +159,11 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
                 dist[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False
             )[:, 0]
         if self.posthoc_gmm is not None:
-            scores = self._posthoc_class_scores(features)  # (N, C, h, w) log p(x|c)
+            scores = self.posthoc_gmm.class_scores(features)  # (N, C, h, w) log p(x|c)
             logits = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
             maps["logits"] = logits
             maps["anomaly"] = -logits.amax(dim=1)
         return maps
-
-    def _posthoc_class_scores(self, features: Tensor) -> Tensor:
-        """Best-component log-likelihood of each class under the post-hoc GMMs: (N, F, h, w) ->
-        (N, C, h, w)."""
-        means = self.posthoc_gmm.means.to(features.device)
-        stds = self.posthoc_gmm.stds.to(features.device)
-        num_classes, k, dim = means.shape
-        n, f, h, w = features.shape
-        if f != dim:
-            raise ValueError(
-                f"TEST.POSTHOC_GMM has {dim}-d mixtures but the head's features have {f} channels"
-            )
-        flat = features.permute(0, 2, 3, 1).reshape(-1, f).float()
-        comp = diag_gaussian_log_prob(flat, means.reshape(-1, dim), stds.reshape(-1, dim))
-        scores = comp.view(n, h, w, num_classes, k).amax(dim=-1)
-        return scores.permute(0, 3, 1, 2)
 
     def _sliding_maps(self, image: Tensor) -> dict[str, Tensor]:
         """Average the window outputs over a (3, H, W) image; windows overlap by ``size - stride``."""

@@ -16,12 +16,53 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import build_detection_test_loader
+from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 from torch import Tensor
 
-from gmmseg.gmm import GaussianMixtureClassifier, fit_gmm
+from gmmseg.gmm import diag_gaussian_log_prob, fit_gmm
 
-__all__ = ["PosthocGMM", "fit_posthoc_gmm", "labelled_penultimate_features"]
+__all__ = [
+    "PosthocGMM",
+    "fit_posthoc_gmm",
+    "labelled_penultimate_features",
+    "statistics_config",
+    "training_set_features",
+]
+
+
+def statistics_config(config_file: str, opts: list[str]) -> CfgNode:
+    """The frozen, validated config of a trained softmax model whose statistics are to be fitted; the
+    post-hoc test keys are cleared (the files they name are what is being made)."""
+    from gmmseg import add_gmmseg_config, validate_gmmseg_config  # loads the glue: datasets, models
+
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    cfg.TEST.ANOMALY_SCORES = []
+    cfg.TEST.MAHALANOBIS_STATS = ""
+    cfg.TEST.POSTHOC_GMM = ""
+    validate_gmmseg_config(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def training_set_features(cfg: CfgNode, max_images: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """``labelled_penultimate_features`` of the model ``cfg`` describes (weights ``MODEL.WEIGHTS``) over
+    its first training set, read without augmentation."""
+    from gmmseg.data.dataset_mapper import TrainLabelsMapper
+
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+    mapper = TrainLabelsMapper(cfg, is_train=False)
+    loader = build_detection_test_loader(cfg, cfg.DATASETS.TRAIN[0], mapper=mapper)
+    head = cfg.MODEL.SEM_SEG_HEAD
+    yield from labelled_penultimate_features(model, loader, head.NUM_CLASSES, head.IGNORE_VALUE, max_images)
 
 
 def labelled_penultimate_features(
@@ -86,12 +127,17 @@ class PosthocGMM:
     def save(self, path: str) -> None:
         torch.save({"means": self.means, "stds": self.stds}, path)
 
-    def classifier(self) -> GaussianMixtureClassifier:
-        """The fitted mixtures as GMMSeg's classifier (class score = best component)."""
+    def class_scores(self, features: Tensor) -> Tensor:
+        """Best-component log-likelihood of each class, ``log p(x|c)`` as GMMSeg scores classes:
+        (N, F, h, w) features -> (N, C, h, w)."""
         num_classes, k, dim = self.means.shape
-        clf = GaussianMixtureClassifier(num_classes, k, dim)
-        clf.update_parameters(self.means, self.stds)
-        return clf
+        n, f, h, w = features.shape
+        if f != dim:
+            raise ValueError(f"the post-hoc GMM has {dim}-d mixtures but the features have {f} channels")
+        means, stds = self.means.to(features.device), self.stds.to(features.device)
+        flat = features.permute(0, 2, 3, 1).reshape(-1, f).float()
+        comp = diag_gaussian_log_prob(flat, means.reshape(-1, dim), stds.reshape(-1, dim))
+        return comp.view(n, h, w, num_classes, k).amax(dim=-1).permute(0, 3, 1, 2)
 
 
 def fit_posthoc_gmm(
