@@ -50,6 +50,12 @@ def get_parser() -> argparse.ArgumentParser:
         help="fixed heat-map scale",
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlays (0..1)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="draw both PNGs this many times larger than the image (labels stay legible on small images)",
+    )
     parser.add_argument("--save-raw", action="store_true", help="also save the anomaly scores as .npy")
     parser.add_argument(
         "--opts",
@@ -138,7 +144,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise ValueError(f"{path}: unreadable image ({err})") from err
         result = predictor(image)
         labels = result["sem_seg"].argmax(dim=0).cpu().numpy()
-        visualizer = Visualizer(image, predictor.metadata, instance_mode=ColorMode.IMAGE)
+        visualizer = Visualizer(image, predictor.metadata, scale=args.scale, instance_mode=ColorMode.IMAGE)
         overlay = visualizer.draw_sem_seg(labels, alpha=args.alpha).get_image()
         seg_file = output / f"{path.stem}_seg.png"
         Image.fromarray(overlay).save(seg_file)
@@ -151,9 +157,11 @@ def run(args: argparse.Namespace) -> list[Path]:
                 raise ValueError(f"--anomaly-score {name!r}: this model gives {sorted(scores)}")
             score = scores[name].float().cpu().numpy()
             heat = heat_map(score, tuple(args.score_range) if args.score_range else None)
-            blended = (args.alpha * heat + (1 - args.alpha) * image).astype(np.uint8)
+            blended = Image.fromarray((args.alpha * heat + (1 - args.alpha) * image).astype(np.uint8))
+            if overlay.shape[:2] != image.shape[:2]:  # --scale: the same size as the overlay
+                blended = blended.resize((overlay.shape[1], overlay.shape[0]), Image.NEAREST)
             anomaly_file = output / f"{path.stem}_anomaly.png"
-            Image.fromarray(blended).save(anomaly_file)
+            blended.save(anomaly_file)
             written.append(anomaly_file)
             if args.save_raw:
                 np.save(output / f"{path.stem}_anomaly.npy", score)
@@ -162,7 +170,10 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if not args.scale > 0:
+        parser.error(f"--scale {args.scale}: expected a number > 0")
     try:
         written = run(args)
     except (FileNotFoundError, ValueError) as err:

@@ -99,3 +99,24 @@ def test_bad_input_and_unknown_score_are_reported(weights_and_data, tmp_path):
         datasets,
     )  # fmt: skip
     assert proc.returncode == 2 and "--anomaly-score 'msp': this model gives ['gmm']" in proc.stderr
+
+
+@pytest.mark.slow
+def test_scale_draws_larger_pngs_of_the_same_maps(weights_and_data, tmp_path):
+    weights, datasets = weights_and_data
+    image = sorted((datasets / "digitscapes" / "anomaly_val" / "images").iterdir())[0]
+    common = ["--config-file", str(CONFIG), "--input", str(image)]
+    opts = ["--opts", "MODEL.WEIGHTS", str(weights), "INPUT.MIN_SIZE_TEST", "64"]
+    for scale, out in (("1", tmp_path / "x1"), ("2", tmp_path / "x2")):
+        proc = _demo([*common, "--output", str(out), "--scale", scale, *opts], datasets)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    width, height = Image.open(image).size
+    for kind in ("seg", "anomaly"):
+        large = Image.open(tmp_path / "x2" / f"{image.stem}_{kind}.png")
+        assert large.size == (2 * width, 2 * height)
+    small = np.asarray(Image.open(tmp_path / "x1" / f"{image.stem}_anomaly.png"))
+    large = np.asarray(Image.open(tmp_path / "x2" / f"{image.stem}_anomaly.png"))
+    np.testing.assert_array_equal(large[::2, ::2], small)  # the same heat map, drawn larger
+
+    proc = _demo([*common, "--output", str(tmp_path / "x0"), "--scale", "0"], datasets)
+    assert proc.returncode == 2 and "--scale 0.0: expected a number > 0" in proc.stderr
