@@ -1,0 +1,203 @@
+"""Why does a GMMSeg model misclassify a class? Decompose its class scores on the pixels it gets wrong.
+
+For a per-pixel GMM head (DeepLabV3+ / FPN), each class score is its best component's log-likelihood
+
+    log N(x | mu, diag(s^2)) = -0.5 * sum_d ((x_d - mu_d) / s_d)^2  -  sum_d log s_d  -  D/2 log(2 pi)
+                               \\_______ quadratic (distance) ______/   \\_ log-det: broad Gaussians pay _/
+
+and the posterior is the softmax of the normalised scores (LayerNorm over the classes). For every
+misclassified pixel this script compares the true class with the predicted one: is the embedding closer
+to the true class in Mahalanobis distance (an error of the log-det or of the normalisation), or is it
+closer to the wrong class (an error of the embedding)? It also reports each class's accuracy with the
+posterior and with the plain Bayes rule on the raw scores (no normalisation).
+
+Pixels are taken at the head's resolution (the embeddings' grid, labels resized by nearest neighbour).
+
+Usage::
+
+    python benchmarks/gmm_errors.py --config-file configs/digitscapes/deeplabv3plus_R18_gmmseg.yaml \\
+        --weights output/digitscapes/deeplabv3plus_R18_gmmseg/model_final.pth --summary-classes 4-11
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_classes(text: str) -> list[int]:
+    """'4-11' or '4,5,7' -> class indices."""
+    out: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        out += list(range(int(low), int(high or low) + 1))
+    return out
+
+
+def collect(cfg, max_images: int) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Run the model's inference on the dataset; return the embeddings (N, D), labels (N,) and the head."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+    from detectron2.modeling import build_model
+    from PIL import Image
+
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    predictor = getattr(model.sem_seg_head, "gmm_predictor", None)
+    if predictor is None:
+        raise SystemExit(f"{cfg.MODEL.SEM_SEG_HEAD.NAME}: not a per-pixel GMM head (no gmm_predictor)")
+    captured: list[torch.Tensor] = []
+    predictor.register_forward_hook(lambda module, inputs, outputs: captured.append(outputs["embeddings"]))
+    embeddings, labels = [], []
+    dataset = cfg.DATASETS.TEST[0]
+    with torch.no_grad():
+        for record in DatasetCatalog.get(dataset)[:max_images]:
+            image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
+            captured.clear()
+            tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            model([{"image": tensor, "height": image.shape[0], "width": image.shape[1]}])
+            grid = captured[0][0]  # (h, w, D)
+            label = torch.as_tensor(np.array(Image.open(record["sem_seg_file_name"]), dtype=np.int64))
+            label = F.interpolate(label[None, None].float(), size=grid.shape[:2], mode="nearest")
+            embeddings.append(grid.reshape(-1, grid.shape[-1]))
+            labels.append(label.reshape(-1).long())
+    return torch.cat(embeddings), torch.cat(labels), predictor
+
+
+def decompose(embeddings: torch.Tensor, labels: torch.Tensor, predictor) -> dict[str, torch.Tensor]:
+    """Float64 quadratic and log-det terms of each class's best component, posterior and raw predictions."""
+    from gmmseg.gmm import diag_gaussian_log_prob
+
+    means, stds = (t.double() for t in predictor.gmm.parameters_in_use())
+    num_classes, num_components, dim = means.shape
+    keep = labels < num_classes  # drop ignored pixels
+    x, y = embeddings[keep].double(), labels[keep]
+    component = diag_gaussian_log_prob(x, means.reshape(-1, dim), stds.reshape(-1, dim))
+    component = component.view(-1, num_classes, num_components)
+    reference = predictor.gmm.component_log_prob(embeddings[keep]).double()  # what the model computes
+    scale = component.abs().amax().clamp_min(1.0)
+    if not ((reference - component).abs().amax() / scale < 1e-4):
+        raise RuntimeError("float64 log-likelihoods disagree with the model's: check the decomposition")
+    log_det = -torch.log(stds).sum(-1)  # (C, K)
+    quadratic = component - log_det - (-0.5 * dim * math.log(2 * math.pi))
+    best = component.argmax(-1, keepdim=True)  # (N, C, 1)
+    class_scores = predictor.gmm.class_log_prob(x.float(), component.float()).double()
+    posterior_pred = predictor.logit_norm(class_scores.float()).argmax(-1)
+    return {
+        "labels": y,
+        "quadratic": quadratic.gather(-1, best)[..., 0],
+        "log_det": log_det.expand_as(component).gather(-1, best)[..., 0],
+        "class_scores": class_scores,
+        "posterior_pred": posterior_pred,
+        "raw_pred": class_scores.argmax(-1),
+    }
+
+
+def rows(terms: dict[str, torch.Tensor], groups: dict[str, list[int]]) -> list[dict]:
+    y, pred = terms["labels"], terms["posterior_pred"]
+    index = torch.arange(len(y))
+    out = []
+    for name, classes in groups.items():
+        member = torch.isin(y, torch.tensor(classes))
+        wrong = member & (pred != y)
+        row = {"classes": name, "pixels": int(member.sum()), "wrong": int(wrong.sum())}
+        if row["pixels"]:
+            row["acc"] = 100 * float((pred == y)[member].float().mean())
+            row["raw_acc"] = 100 * float((terms["raw_pred"] == y)[member].float().mean())
+        if row["wrong"]:
+            t, p = y[wrong], pred[wrong]
+            rows_wrong = index[wrong]
+            d_quad = terms["quadratic"][rows_wrong, t] - terms["quadratic"][rows_wrong, p]
+            d_det = terms["log_det"][rows_wrong, t] - terms["log_det"][rows_wrong, p]
+            row["closer_to_true"] = 100 * float((d_quad > 0).float().mean())
+            row["median_d_quad"] = float(d_quad.quantile(0.5))
+            row["median_d_logdet"] = float(d_det.quantile(0.5))
+        out.append(row)
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    head = (
+        "| classes | pixels | accuracy (posterior) | accuracy (raw Bayes rule) | misclassified | "
+        "of which closer to the true class | median quadratic term, true - predicted | "
+        "median log-det term, true - predicted |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    )
+
+    def f(row, key, fmt):
+        return format(row[key], fmt) if key in row else "-"
+
+    def line(r: dict) -> str:
+        cells = [
+            r["classes"],
+            f"{r['pixels']:,}",
+            f(r, "acc", ".1f"),
+            f(r, "raw_acc", ".1f"),
+            f"{r['wrong']:,}",
+            f(r, "closer_to_true", ".1f") + "%",
+            f(r, "median_d_quad", "+.2f"),
+            f(r, "median_d_logdet", "+.2f"),
+        ]
+        return "| " + " | ".join(cells) + " |\n"
+
+    body = "".join(line(r) for r in table)
+    return head + body
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--weights", required=True, help="model_final.pth of a GMMSeg per-pixel model")
+    parser.add_argument("--dataset", default=None, help="default: the config's first test dataset")
+    parser.add_argument("--max-images", type=int, default=100)
+    parser.add_argument("--summary-classes", default=None, help="also one row over these classes: '4-11'")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
+    args = parser.parse_args(argv)
+    if not Path(args.weights).is_file():
+        parser.error(f"--weights {args.weights}: no such file")
+    try:
+        import gmmseg  # noqa: F401
+    except ImportError:  # not pip-installed: the source tree
+        sys.path.insert(0, str(REPO / "projects" / "GMMSeg"))
+    from detectron2.config import get_cfg
+    from detectron2.data import MetadataCatalog
+
+    from gmmseg import add_gmmseg_config
+    from gmmseg.config import validate_gmmseg_config
+
+    os.environ.setdefault("DETECTRON2_DATASETS", str(REPO / "datasets"))
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list([*args.opts, "MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", "cpu"])
+    if args.dataset:
+        cfg.DATASETS.TEST = (args.dataset,)
+    validate_gmmseg_config(cfg)
+    cfg.freeze()
+
+    embeddings, labels, predictor = collect(cfg, args.max_images)
+    terms = decompose(embeddings, labels, predictor)
+    names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).stuff_classes
+    groups = {name: [c] for c, name in enumerate(names)}
+    if args.summary_classes:
+        chosen = parse_classes(args.summary_classes)
+        groups[f"{names[chosen[0]]} to {names[chosen[-1]]}"] = chosen
+    groups["all classes"] = list(range(len(names)))
+    print(f"{cfg.DATASETS.TEST[0]} (first {args.max_images} images), {args.weights}\n")
+    print(markdown(rows(terms, groups)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
