@@ -11,15 +11,21 @@ Variants (same backbone, decoder, data, seed and schedule; they differ only in w
 - ``softmax_posthoc_gmm``: GMMs fitted to the trained softmax model's features afterwards
   (``tools/fit_posthoc_gmm.py``, then ``TEST.POSTHOC_GMM``).
 
-Each variant runs ``train_net.py`` in ``OUTPUT/<variant>/`` and is evaluated on ``digitscapes_val`` (mIoU,
-ECE) and ``digitscapes_anomaly_val`` (AUROC / AP / FPR95, all anomalies and the near / far families).
+Probes (``--probes``, or by name with ``--only``): one ``MODEL.GMM`` setting of GMMSeg changed at a time, to
+look for what holds GMMSeg back in this short from-scratch schedule; see ``PROBES``.
+
+Each variant runs ``train_net.py`` in ``OUTPUT/<variant>/`` (``OUTPUT/<variant>_seed<N>/`` for seeds other
+than 0) and is evaluated on ``digitscapes_val`` (mIoU, ECE) and ``digitscapes_anomaly_val`` (AUROC / AP /
+FPR95, all anomalies and the near / far families). With several ``--seeds``, the table gives each metric's
+mean and sample standard deviation over the seeds (per-seed values in ``results.json``): the seed-to-seed
+spread is what tells a real difference between two variants from noise.
 The script is resumable: a finished variant is skipped, an interrupted one continues from its last
 checkpoint (``--resume``). It shows a progress bar with the estimated time left and writes
 ``OUTPUT/results.md`` (the table), ``OUTPUT/results.json`` and ``OUTPUT/results.png`` (the plots).
 
 Usage: ``python benchmarks/digitscapes.py [--iters 600] [--output output/benchmark_digitscapes]
-[--only gmmseg softmax] [--quick]``. ``--quick`` runs every variant for a few iterations on a tiny
-generated DigitScapes: a pipeline check for CI, not numbers.
+[--only gmmseg softmax] [--probes] [--seeds 0 1 2] [--name results] [--quick]``. ``--quick`` runs every
+variant for a few iterations on a tiny generated DigitScapes: a pipeline check for CI, not numbers.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +57,23 @@ VARIANTS: dict[str, tuple[Path, list[str], str]] = {
     "gmmseg_discriminative": (GMMSEG, ["MODEL.GMM.FIT", "backprop"], "discriminative GMMSeg (backprop)"),
     "softmax_posthoc_gmm": (SOFTMAX, [], "softmax + GMM fitted afterwards"),
 }
+# one MODEL.GMM setting of GMMSeg at a time (``--probes``): what holds GMMSeg back in this schedule?
+PROBES: dict[str, tuple[Path, list[str], str]] = {
+    "gmmseg_mean_momentum_0.99": (
+        GMMSEG, ["MODEL.GMM.MEAN_MOMENTUM", "0.99"], "GMMSeg probe: MEAN_MOMENTUM 0.99 (faster means)"
+    ),
+    "gmmseg_enqueue_all": (
+        GMMSEG, ["MODEL.GMM.ENQUEUE_CORRECT_ONLY", "False"], "GMMSeg probe: enqueue misclassified pixels too"
+    ),
+    "gmmseg_logit_scale_5": (
+        GMMSEG, ["MODEL.GMM.LOGIT_NORM_INIT_SCALE", "5.0"], "GMMSeg probe: LOGIT_NORM_INIT_SCALE 5 (sharper)"
+    ),
+    "gmmseg_no_logit_norm": (
+        GMMSEG, ["MODEL.GMM.LOGIT_NORM", "none"], "GMMSeg probe: LOGIT_NORM none (plain Bayes rule)"
+    ),
+}  # fmt: skip
+ABLATIONS = list(VARIANTS)
+VARIANTS.update(PROBES)
 QUICK = [
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0",
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", "MODEL.GMM.MEMORY_PER_STEP", "5",
@@ -58,9 +82,14 @@ QUICK = [
 ITER_RE = re.compile(r"\biter: (\d+)\b")
 
 
-def schedule_overrides(iters: int, quick: bool) -> list[str]:
-    opts = ["SOLVER.MAX_ITER", str(iters), "SOLVER.CHECKPOINT_PERIOD", str(max(1, iters // 3)), "SEED", "0"]
-    return opts + (QUICK if quick else [])
+def schedule_overrides(iters: int, quick: bool, seed: int = 0) -> list[str]:
+    opts = ["SOLVER.MAX_ITER", str(iters), "SOLVER.CHECKPOINT_PERIOD", str(max(1, iters // 3))]
+    return opts + ["SEED", str(seed)] + (QUICK if quick else [])
+
+
+def run_dir(root: Path, name: str, seed: int) -> Path:
+    """Where one variant's run with one seed lives (seed 0 keeps the plain name)."""
+    return root / (name if seed == 0 else f"{name}_seed{seed}")
 
 
 def settings_key(name: str, opts: list[str]) -> str:
@@ -116,10 +145,10 @@ def last_iteration(out: Path) -> int:
 
 
 def run_variant(
-    name: str, root: Path, opts: list[str], env: dict, progress: Progress | None, iters: int
+    name: str, root: Path, opts: list[str], env: dict, progress: Progress | None, iters: int, seed: int = 0
 ) -> dict:
     config, extra, _ = VARIANTS[name]
-    out = root / name
+    out = run_dir(root, name, seed)
     key = settings_key(name, opts)
     done_file = out / "done.json"
     if done_file.is_file() and json.loads(done_file.read_text()).get("key") == key:
@@ -129,7 +158,7 @@ def run_variant(
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     if name == "softmax_posthoc_gmm":  # needs the trained softmax model
-        weights = root / "softmax" / "model_final.pth"
+        weights = run_dir(root, "softmax", seed) / "model_final.pth"
         gmm_file = out / "posthoc_gmm.pth"
         fit = [
             py,
@@ -157,25 +186,52 @@ def run_variant(
     return json.loads((out / "inference" / "metrics.json").read_text())
 
 
-def rows_for(name: str, metrics: dict) -> list[dict]:
-    """Table rows of one variant: its closed-set metrics and, per anomaly score, all / near / far."""
-    val = metrics["digitscapes_val"]["sem_seg"]
-    anomaly = metrics["digitscapes_anomaly_val"]["anomaly"]
+METRICS = ("mIoU", "ECE") + tuple(
+    f"{family}{metric}" for family in ("", "near/", "far/") for metric in ("AUROC", "AP", "FPR95")
+)
+
+
+def rows_for(name: str, per_seed: dict[int, dict]) -> list[dict]:
+    """Table rows of one variant: its closed-set metrics and, per anomaly score, all / near / far.
+
+    ``per_seed`` maps each seed to its run's metrics. A row holds each metric's mean over the seeds; with
+    several seeds also its sample standard deviation (``<metric>_std``) and the per-seed values
+    (``<metric>_seeds``, in the order of ``row["seeds"]``).
+    """
     scores = ["msp", "entropy"] if name == "softmax" else ["gmm"]
     rows = []
     for score in scores:
-        row = {"variant": name, "description": VARIANTS[name][2], "mIoU": val["mIoU"], "ECE": val["ECE"]}
-        row["score"] = score
-        for family in ("", "near/", "far/"):
-            for metric in ("AUROC", "AP", "FPR95"):
-                row[f"{family}{metric}"] = anomaly.get(f"{score}/{family}{metric}")
+        values: dict[str, list] = {key: [] for key in METRICS}
+        for metrics in per_seed.values():
+            val = metrics["digitscapes_val"]["sem_seg"]
+            anomaly = metrics["digitscapes_anomaly_val"]["anomaly"]
+            values["mIoU"].append(val["mIoU"])
+            values["ECE"].append(val["ECE"])
+            for key in METRICS[2:]:
+                values[key].append(anomaly.get(f"{score}/{key}"))
+        row = {"variant": name, "description": VARIANTS[name][2], "score": score, "seeds": list(per_seed)}
+        for key, seen in values.items():
+            if any(v is None for v in seen):
+                row[key] = None
+                continue
+            row[key] = statistics.fmean(seen)
+            if len(seen) > 1:
+                row[f"{key}_std"] = statistics.stdev(seen)
+                row[f"{key}_seeds"] = seen
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    def f(v):
-        return "-" if v is None else f"{v:.2f}"
+    def f(row, key):
+        value = row[key]
+        if value is None:
+            return "-"
+        spread = row.get(f"{key}_std")
+        return f"{value:.2f}" + ("" if spread is None else f" ± {spread:.2f}")
+
+    def g(row, key):
+        return "-" if row[key] is None else f"{row[key]:.2f}"
 
     lines = [
         header,
@@ -185,11 +241,11 @@ def markdown(rows: list[dict], header: str) -> str:
         "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        near = " / ".join(f(r[f"near/{m}"]) for m in ("AUROC", "AP", "FPR95"))
-        far = " / ".join(f(r[f"far/{m}"]) for m in ("AUROC", "AP", "FPR95"))
+        near = " / ".join(g(r, f"near/{m}") for m in ("AUROC", "AP", "FPR95"))
+        far = " / ".join(g(r, f"far/{m}") for m in ("AUROC", "AP", "FPR95"))
         lines.append(
-            f"| {r['description']} | {f(r['mIoU'])} | {f(r['ECE'])} | {r['score']} | {f(r['AUROC'])} | "
-            f"{f(r['AP'])} | {f(r['FPR95'])} | {near} | {far} |"
+            f"| {r['description']} | {f(r, 'mIoU')} | {f(r, 'ECE')} | {r['score']} | {f(r, 'AUROC')} | "
+            f"{f(r, 'AP')} | {f(r, 'FPR95')} | {near} | {far} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -215,6 +271,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.barh(
             range(len(rows)),
             values,
+            xerr=[r.get(f"{key}_std", 0.0) for r in rows],  # seed-to-seed spread, when several seeds
             color=["tab:gray" if r["variant"].startswith("softmax") else "tab:blue" for r in rows],
         )
         ax.set_yticks(range(len(rows)))
@@ -237,18 +294,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", nargs="+", choices=list(VARIANTS), default=None, help="run these variants only"
     )
+    parser.add_argument("--probes", action="store_true", help="add the probes (PROBES) to the variants")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="train every variant with each")
+    parser.add_argument("--name", default="results", help="the table's files: OUTPUT/<name>.{md,json,png}")
     parser.add_argument(
         "--quick", action="store_true", help="a few iterations on a tiny dataset (pipeline check)"
     )
     args = parser.parse_args(argv)
-    names = args.only or list(VARIANTS)
+    names = args.only or ABLATIONS + (list(PROBES) if args.probes else [])
+    if args.only and args.probes:
+        names = names + list(PROBES)
+    seeds = list(dict.fromkeys(args.seeds))
     if "softmax_posthoc_gmm" in names and "softmax" not in names:
         names = ["softmax", *names]
     names = [n for n in VARIANTS if n in names]  # softmax before its post-hoc variant
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
     iters = 4 if args.quick else args.iters
-    opts = schedule_overrides(iters, args.quick)
     env = {**os.environ, "GMMSEG_BENCH_FLAGS": "--quick" if args.quick else ""}
     if args.quick:
         from gmmseg.data.digitscapes import generate_digitscapes
@@ -266,28 +328,36 @@ def main(argv: list[str] | None = None) -> int:
                 check=True,
             )
     trained = [n for n in names if n != "softmax_posthoc_gmm"]
-    progress = Progress(iters * len(trained))
+    progress = Progress(iters * len(trained) * len(seeds))
     start = time.time()
-    results: dict[str, dict] = {}
+    results: dict[str, dict[int, dict]] = {name: {} for name in names}
     try:
-        for name in names:
-            progress.describe(name)
-            results[name] = run_variant(name, root, opts, env, progress, iters)
+        for seed in seeds:  # all variants of one seed first: a comparable table as early as possible
+            opts = schedule_overrides(iters, args.quick, seed)
+            for name in names:
+                progress.describe(name if len(seeds) == 1 else f"{name}, seed {seed}")
+                results[name][seed] = run_variant(name, root, opts, env, progress, iters, seed)
     finally:
         progress.close()
     rows = [row for name in names for row in rows_for(name, results[name])]
+    seeds_text = (
+        f"seed {seeds[0]}"
+        if len(seeds) == 1
+        else f"seeds {', '.join(map(str, seeds))}: mean ± sample standard deviation"
+    )
     header = (
         f"### DigitScapes: softmax vs GMMSeg DeepLabV3+ R18 and ablations ({iters} iterations at batch "
-        f"{2 if args.quick else 16}, seed 0{', --quick' if args.quick else ''})"
+        f"{2 if args.quick else 16}, {seeds_text}{', --quick' if args.quick else ''})"
     )
     table = markdown(rows, header)
-    (root / "results.md").write_text(table)
-    (root / "results.json").write_text(
-        json.dumps({"iters": iters, "quick": args.quick, "rows": rows}, indent=2)
+    files = {ext: root / f"{args.name}.{ext}" for ext in ("md", "json", "png")}
+    files["md"].write_text(table)
+    files["json"].write_text(
+        json.dumps({"iters": iters, "quick": args.quick, "seeds": seeds, "rows": rows}, indent=2)
     )
-    plot(rows, root / "results.png")
+    plot(rows, files["png"])
     print(table)
-    print(f"wrote {root / 'results.md'}, results.json, results.png in {time.time() - start:,.0f} s")
+    print(f"wrote {', '.join(str(p) for p in files.values())} in {time.time() - start:,.0f} s")
     return 0
 
 

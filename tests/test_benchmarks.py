@@ -77,3 +77,35 @@ def test_digitscapes_benchmark_quick_runs_resumes_and_reports(tmp_path):
     logs = {p: p.stat().st_size for p in out.glob("*/log.txt")}
     _run("digitscapes.py", *args)
     assert {p: p.stat().st_size for p in out.glob("*/log.txt")} == logs
+
+
+@pytest.mark.slow
+def test_digitscapes_benchmark_quick_over_seeds_reports_mean_and_spread(tmp_path):
+    out = tmp_path / "bench"
+    _run(
+        "digitscapes.py",
+        "--quick",
+        "--output",
+        str(out),
+        "--only",
+        "gmmseg",
+        "--seeds",
+        "0",
+        "1",
+        "--name",
+        "s",
+    )
+    assert (out / "gmmseg" / "done.json").is_file() and (out / "gmmseg_seed1" / "done.json").is_file()
+    report = json.loads((out / "s.json").read_text())
+    assert report["seeds"] == [0, 1] and len(report["rows"]) == 1
+    row = report["rows"][0]
+    per_seed = [
+        json.loads((out / d / "inference" / "metrics.json").read_text())["digitscapes_val"]["sem_seg"]["mIoU"]
+        for d in ("gmmseg", "gmmseg_seed1")
+    ]
+    assert row["mIoU_seeds"] == per_seed
+    assert row["mIoU"] == pytest.approx(sum(per_seed) / 2)
+    assert row["mIoU_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5)
+    table = (out / "s.md").read_text()
+    assert "seeds 0, 1: mean ± sample standard deviation" in table and f"{row['mIoU']:.2f} ± " in table
+    assert (out / "s.png").stat().st_size > 0 and not (out / "results.md").exists()

@@ -102,6 +102,7 @@ def test_gmm_defaults_are_the_reference_values():
     )
     assert (g.MEMORY_DTYPE, g.MEMORY_SAMPLING, g.ENQUEUE_CORRECT_ONLY) == ("float32", "uniform", True)
     assert g.LOGIT_NORM_INIT_SCALE == 1.0
+    assert g.PROJECTION_ACTIVATION == "relu"
 
 
 @pytest.mark.parametrize(
@@ -118,6 +119,7 @@ def test_gmm_defaults_are_the_reference_values():
         ("E_STEP", "kmeans"),
         ("CLASS_SCORE", "sum"),
         ("LOGIT_NORM", "batchnorm"),
+        ("PROJECTION_ACTIVATION", "gelu"),
         ("MEAN_MOMENTUM", 1.5),
         ("COV_MOMENTUM", -0.1),
         ("VAR_FLOOR", 0.0),

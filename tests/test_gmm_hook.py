@@ -115,6 +115,31 @@ def test_class_never_seen_keeps_its_initial_mixture_and_no_nan():
     assert torch.isfinite(predictor.gmm.means).all() and torch.isfinite(predictor.gmm.stds).all()
 
 
+@pytest.mark.parametrize("initial_std", [None, 1.0])
+def test_a_class_never_classified_correctly_is_not_locked_out(initial_std):
+    """Class 2's pixels are present but never classified correctly, so its queues stay empty and its
+    mixture keeps its initial stds while the M-step fits classes 0 and 1 (stds near 0.1 in 64 dims). With
+    the default initial stds a pixel at class 2's own mean is still classified as class 2; with the
+    reference's initial stds of 1 (which its first M-step replaces, from queues of random vectors) nothing
+    could ever be: the fitted classes' log-determinant terms outweigh any distance on the unit sphere."""
+    dim = 64
+    torch.manual_seed(0)
+    predictor = GMMPredictor(16, 3, embed_dim=dim, num_components=2, norm="", initial_std=initial_std)
+    hook = GMMEMHook(predictor, capacity=100, max_per_step=20, interval=2)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(40)
+    initial = predictor.gmm.stds.clone()
+    steps = []
+    for _ in range(2):
+        noise = 0.05 * torch.randn(len(labels), dim, generator=g)
+        steps.append((F.normalize(predictor.gmm.means[labels, 0] + noise, dim=-1), labels, labels != 2))
+    _run_hook(hook, predictor, steps)
+    assert (predictor.gmm.stds[:2].mean(dim=(1, 2)) < 0.15).all()  # classes 0 and 1 fitted
+    assert torch.equal(predictor.gmm.stds[2], initial[2])  # class 2 not
+    at_own_mean = predictor.score(predictor.gmm.means[2, 0][None])["logits"].argmax(-1).item()
+    assert (at_own_mean == 2) == (initial_std is None)
+
+
 def test_state_dict_round_trip_restores_memory_and_seen_classes():
     predictor = _predictor()
     hook = GMMEMHook(predictor, capacity=30, max_per_step=7, interval=10)

@@ -85,6 +85,30 @@ def test_component_loss_weight_scales_the_component_loss():
     assert losses["loss_gmm_component"].item() == 0.0 and losses["loss_sem_seg"].item() > 0
 
 
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_projection_activation_from_the_config(activation):
+    """With the reference's ReLU the projected features are >= 0, so the LayerNorm maps all zeroed
+    channels of a pixel to one value; without it they keep their signs and spread."""
+    cfg = _cfg()
+    cfg.MODEL.GMM.PROJECTION_ACTIVATION = activation
+    torch.manual_seed(0)
+    predictor = build_model(cfg).eval().sem_seg_head.gmm_predictor
+    features = torch.randn(2, predictor.projection.in_channels, 8, 8)
+    with torch.no_grad():
+        projected = predictor.projection(features)
+        embeddings = predictor.embed(features)
+    assert bool((projected < 0).any()) == (activation == "none")
+    zeroed = projected.permute(0, 2, 3, 1) == 0  # (N, H, W, D)
+    if activation == "relu":
+        assert zeroed.sum(-1).min() >= 2  # several zeroed channels per pixel...
+        normed = predictor.feature_norm(projected.permute(0, 2, 3, 1))  # (weight 1, bias 0 at init)
+        for row, zeros in zip(normed.reshape(-1, 64)[:32], zeroed.reshape(-1, 64)[:32]):
+            assert torch.allclose(row[zeros], row[zeros][0].expand(int(zeros.sum())))  # ...all one value
+    else:
+        assert not zeroed.any()
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(2, 8, 8))
+
+
 def test_inference_returns_posteriors_and_anomaly_at_input_resolution(model):
     model.eval()
     inputs = _batch(n=2, size=64)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from gmmseg.gmm import FeatureMemory, GaussianMixtureClassifier, m_step
+from gmmseg.gmm import FeatureMemory, GaussianMixtureClassifier, m_step, unfitted_std
 
 
 def make_classifier(score: str = "wta", seed: int = 0) -> GaussianMixtureClassifier:
@@ -28,7 +29,11 @@ def test_init_as_reference() -> None:
     clf = GaussianMixtureClassifier(5, 4, 16, generator=torch.Generator().manual_seed(0))
     assert clf.means.shape == clf.stds.shape == (5, 4, 16)
     torch.testing.assert_close(clf.means.norm(dim=-1), torch.ones(5, 4))
-    assert torch.equal(clf.stds, torch.ones(5, 4, 16))
+    assert torch.equal(clf.stds, torch.full((5, 4, 16), unfitted_std(16)))
+    ones = GaussianMixtureClassifier(5, 4, 16, initial_std=1.0)  # the reference's value before its 1st M-step
+    assert torch.equal(ones.stds, torch.ones(5, 4, 16))
+    with pytest.raises(ValueError, match="initial_std"):
+        GaussianMixtureClassifier(5, 4, 16, initial_std=0.0)
     raw = torch.empty(5, 4, 16)
     torch.nn.init.trunc_normal_(raw, std=0.02, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(clf.means, F.normalize(raw, dim=-1))
@@ -124,3 +129,16 @@ def test_trainable_mixtures_are_parameters_scored_as_unit_means_and_floored_stds
     assert clf.means.grad.abs().sum() > 0
     above = clf.stds.detach() > 0.2
     assert (clf.stds.grad[above] != 0).any() and (clf.stds.grad[~above] == 0).all()
+
+
+@pytest.mark.parametrize("dim", [16, 64])
+def test_unfitted_std_is_what_the_reference_m_step_gives_a_queue_of_random_unit_vectors(dim: int) -> None:
+    """The reference starts its queues with random unit vectors; its M-step (float64, numpy here) on
+    such a queue: mean = normalised sum, variance = mean squared deviation from it + 0.01."""
+    rng = np.random.default_rng(0)
+    queue = rng.standard_normal((32000, dim))
+    queue /= np.linalg.norm(queue, axis=1, keepdims=True)
+    mean = queue.sum(0) / np.linalg.norm(queue.sum(0))
+    stds = np.sqrt(((queue - mean) ** 2).mean(0) + 0.01)
+    assert abs(np.sqrt((stds**2).mean()) - unfitted_std(dim)) < 0.01 * unfitted_std(dim)
+    assert unfitted_std(dim, var_floor=0.0) == pytest.approx(np.sqrt(2.0 / dim))

@@ -74,6 +74,10 @@ def add_gmmseg_config(cfg: CN) -> None:
     # GMMSeg: the generative classifier that replaces a head's softmax predictor (reference values).
     cfg.MODEL.GMM = CN()
     cfg.MODEL.GMM.EMBED_DIM = 64  # D: pixel features are projected to D dims, LayerNorm-ed, L2-normalised
+    # Activation after the per-pixel heads' 1x1 projection (+ norm): "relu" (reference) | "none". After a
+    # ReLU, the LayerNorm maps every zeroed channel to the same value, which limits the embeddings'
+    # directions; "none" lets them reach any point of the sphere (the random initial means included).
+    cfg.MODEL.GMM.PROJECTION_ACTIVATION = "relu"
     cfg.MODEL.GMM.NUM_COMPONENTS = 5  # K: Gaussian components per class
     # Features per (class, component) FIFO queue. 0 = no memory ("batch only", the paper's memory
     # ablation): each M-step sees only the features enqueued since the previous one.
@@ -223,6 +227,7 @@ def _validate_gmm(gmm: CN) -> None:
     choice("E_STEP", ("sinkhorn", "vanilla"))
     choice("CLASS_SCORE", ("wta", "mixture"))
     choice("LOGIT_NORM", ("layernorm", "none"))
+    choice("PROJECTION_ACTIVATION", ("relu", "none"))
     choice("FIT", ("em", "backprop"))
     in_range("MEAN_MOMENTUM", 0.0, 1.0)
     in_range("COV_MOMENTUM", 0.0, 1.0)

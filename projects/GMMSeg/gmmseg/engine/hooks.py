@@ -35,9 +35,11 @@ class GMMEMHook(HookBase):
     matching; kept from the forward pass, no second pass), gathers them from all processes, runs the E-step
     (Sinkhorn by default) on that global batch, enqueues the correctly classified pixels into the
     per-(class, component) FIFO queues, and every ``interval`` iterations runs the M-step from the memory
-    for the classes enqueued since the last one (a superset of the reference's "classes in the current
-    batch" that never skips a class seen in between). Every process holds the same memory and computes
-    the same update, so the mixture parameters stay identical everywhere. The memory and the set of
+    for the classes enqueued since the last one. (The reference updates the classes present in the
+    current batch; for one whose queues got nothing new, its M-step reads the random vectors its queues
+    start with. Ours hold real features only, so such a class keeps its parameters, and the classifier's
+    initial stds, ``unfitted_std``, are what the reference's M-step would give it.) Every process holds
+    the same memory and computes the same update, so the mixture parameters stay identical everywhere. The memory and the set of
     classes seen are saved with every checkpoint (``state_dict``) and restored by ``--resume``.
 
     ``capacity=0`` runs without a memory (the paper's "memory 0" ablation): the queues keep only what the

@@ -1,6 +1,6 @@
 """Pure-PyTorch core of GMMSeg (no Detectron2 import): Gaussian log-likelihoods, Sinkhorn, memory, EM."""
 
-from .classifier import GaussianMixtureClassifier
+from .classifier import GaussianMixtureClassifier, unfitted_std
 from .em import GMMFit, e_step, fit_gmm, kmeans_plusplus, m_step, m_step_from_statistics
 from .gaussian import diag_gaussian_log_prob
 from .memory import FeatureMemory, gather_from_all_processes, linspace_indices
@@ -20,4 +20,5 @@ __all__ = [
     "m_step_from_statistics",
     "normalize_by_max_abs",
     "sinkhorn",
+    "unfitted_std",
 ]

@@ -13,7 +13,21 @@ from .em import m_step
 from .gaussian import diag_gaussian_log_prob
 from .memory import FeatureMemory
 
-__all__ = ["GaussianMixtureClassifier"]
+__all__ = ["GaussianMixtureClassifier", "unfitted_std"]
+
+
+def unfitted_std(dim: int, var_floor: float = 0.01) -> float:
+    """Standard deviation of a component that has not seen any feature yet: ``sqrt(2 / dim + var_floor)``.
+
+    It is what the reference's M-step gives a queue of random unit vectors (its queues start filled with
+    them, and its first M-step replaces the initial stds of 1): each coordinate of a random unit vector has
+    variance ``1 / dim`` around zero, and centring on the queue's normalised mean adds ``1 / dim`` more on
+    average. Our queues hold real features only, so a class whose pixels are never classified correctly
+    keeps its initial stds. At 1 they would lock it out for good: the log-determinant term of a fitted
+    component (stds near 0.1 in 64 dims) outweighs any distance on the unit sphere, so the class could never
+    win a pixel, hence never be enqueued. At this value it still can near its own means.
+    """
+    return math.sqrt(2.0 / dim + var_floor)
 
 
 class GaussianMixtureClassifier(nn.Module):
@@ -43,8 +57,11 @@ class GaussianMixtureClassifier(nn.Module):
         generator: torch.Generator | None = None,
         trainable: bool = False,
         min_std: float = 0.1,
+        initial_std: float | None = None,
     ) -> None:
-        """Initialised as the reference: means ~ trunc_normal(std=init_std), L2-normalised; stds = 1."""
+        """Means as the reference: trunc_normal(std=init_std), L2-normalised. Stds: ``initial_std``, by
+        default ``unfitted_std(dim)`` (the reference starts at 1 but replaces them at its first M-step
+        from queues of random vectors; see ``unfitted_std``)."""
         super().__init__()
         if score not in ("wta", "mixture"):
             raise ValueError(f"score must be 'wta' or 'mixture', got {score!r}")
@@ -56,7 +73,11 @@ class GaussianMixtureClassifier(nn.Module):
         self.min_std = min_std
         means = torch.empty(num_classes, num_components, dim)
         nn.init.trunc_normal_(means, std=init_std, generator=generator)
-        stds = torch.ones(num_classes, num_components, dim)
+        if initial_std is None:
+            initial_std = unfitted_std(dim)
+        if not initial_std > 0:
+            raise ValueError(f"initial_std must be positive, got {initial_std}")
+        stds = torch.full((num_classes, num_components, dim), float(initial_std))
         if trainable:
             self.means = nn.Parameter(F.normalize(means, dim=-1))
             self.stds = nn.Parameter(stds)

@@ -20,7 +20,7 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.projects.deeplab.loss import DeepLabCE
 from torch import Tensor, nn
 
-from gmmseg.gmm import GaussianMixtureClassifier, e_step
+from gmmseg.gmm import GaussianMixtureClassifier, e_step, unfitted_std
 
 __all__ = ["GMMPredictor", "GMMPredictorBase", "QueryGMMPredictor"]
 
@@ -50,7 +50,9 @@ class GMMPredictorBase(nn.Module):
         component_loss_weight: float = 0.01,
         enqueue_correct_only: bool = True,
         fit: str = "em",
+        initial_std: float | None = None,
     ) -> None:
+        """``initial_std``: the mixtures' stds before their first M-step (default ``unfitted_std``)."""
         super().__init__()
         if fit not in ("em", "backprop"):
             raise ValueError(f"fit must be 'em' or 'backprop', got {fit!r}")
@@ -63,20 +65,21 @@ class GMMPredictorBase(nn.Module):
         self.sinkhorn_iters = sinkhorn_iters
         self.component_loss_weight = component_loss_weight
         self.enqueue_correct_only = enqueue_correct_only
-        self._scoring_args = (class_score, logit_norm, logit_norm_init_scale)
+        self._scoring_args = (class_score, logit_norm, logit_norm_init_scale, initial_std)
         self._em_batch: dict[str, Tensor] | None = None
 
     def _build_scoring(self) -> None:
         """Create the mixtures and the logit normalisation. Subclasses call it after building their
         embedding layers, so that parameters are initialised in the same order (and from the same random
         draws) as in earlier releases."""
-        class_score, logit_norm, init_scale = self._scoring_args
+        class_score, logit_norm, init_scale, initial_std = self._scoring_args
         self.gmm = GaussianMixtureClassifier(
             self.num_classes,
             self.num_components,
             self.embed_dim,
             score=class_score,
             trainable=self.fit == "backprop",
+            initial_std=initial_std,
         )
         self.logit_norm = nn.LayerNorm(self.num_classes) if logit_norm == "layernorm" else nn.Identity()
         if logit_norm == "layernorm":
@@ -98,6 +101,8 @@ class GMMPredictorBase(nn.Module):
             "component_loss_weight": gmm.COMPONENT_LOSS_WEIGHT,
             "enqueue_correct_only": gmm.ENQUEUE_CORRECT_ONLY,
             "fit": gmm.FIT,
+            # the std the M-step gives a component with no feature (random unit vectors + VAR_FLOOR)
+            "initial_std": unfitted_std(gmm.EMBED_DIM, gmm.VAR_FLOOR),
         }
 
     def score(self, embeddings: Tensor) -> dict[str, Tensor]:
@@ -165,9 +170,14 @@ class GMMPredictor(GMMPredictorBase):
         norm: str = "BN",
         ignore_value: int = 255,
         loss_type: str = "cross_entropy",
+        projection_activation: str = "relu",
         **kwargs,
     ) -> None:
+        """``projection_activation``: "relu" after the 1x1 projection (+ norm), as the reference, or
+        "none"."""
         super().__init__(num_classes, **kwargs)
+        if projection_activation not in ("relu", "none"):
+            raise ValueError(f"projection_activation must be 'relu' or 'none', got {projection_activation!r}")
         self.ignore_value = ignore_value
         if loss_type not in ("cross_entropy", "hard_pixel_mining"):
             raise ValueError(f"loss_type must be 'cross_entropy' or 'hard_pixel_mining', got {loss_type!r}")
@@ -183,7 +193,7 @@ class GMMPredictor(GMMPredictorBase):
             kernel_size=1,
             bias=not norm,
             norm=get_norm(norm, self.embed_dim),
-            activation=F.relu,
+            activation=F.relu if projection_activation == "relu" else None,
         )
         nn.init.kaiming_normal_(self.projection.weight, mode="fan_out", nonlinearity="relu")
         self.feature_norm = nn.LayerNorm(self.embed_dim)
@@ -199,6 +209,7 @@ class GMMPredictor(GMMPredictorBase):
             norm=cfg.MODEL.SEM_SEG_HEAD.NORM,
             ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             loss_type=loss_type,
+            projection_activation=cfg.MODEL.GMM.PROJECTION_ACTIVATION,
             **cls.gmm_kwargs(cfg),
         )
 
