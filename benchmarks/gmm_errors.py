@@ -11,12 +11,18 @@ to the true class in Mahalanobis distance (an error of the log-det or of the nor
 closer to the wrong class (an error of the embedding)? It also reports each class's accuracy with the
 posterior and with the plain Bayes rule on the raw scores (no normalisation).
 
+With ``--linear-probe N`` it also fits a linear classifier (multinomial logistic regression, scikit-learn)
+to the embeddings of N training images and scores the test pixels with it: if the probe does no better
+than the GMM head, the embeddings themselves do not separate the classes (feature learning is what lags),
+rather than the mixtures failing to model separable embeddings.
+
 Pixels are taken at the head's resolution (the embeddings' grid, labels resized by nearest neighbour).
 
 Usage::
 
     python benchmarks/gmm_errors.py --config-file configs/digitscapes/deeplabv3plus_R18_gmmseg.yaml \\
-        --weights output/digitscapes/deeplabv3plus_R18_gmmseg/model_final.pth --summary-classes 4-11
+        --weights output/digitscapes/deeplabv3plus_R18_gmmseg/model_final.pth --summary-classes 4-11 \\
+        --linear-probe 300
 """
 
 from __future__ import annotations
@@ -43,35 +49,76 @@ def parse_classes(text: str) -> list[int]:
     return out
 
 
-def collect(cfg, max_images: int) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """Run the model's inference on the dataset; return the embeddings (N, D), labels (N,) and the head."""
+def load_model(cfg) -> tuple[torch.nn.Module, object]:
+    """The model in eval mode with ``cfg.MODEL.WEIGHTS`` loaded, and its per-pixel GMM predictor."""
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import DatasetCatalog
-    from detectron2.data.detection_utils import read_image
     from detectron2.modeling import build_model
-    from PIL import Image
 
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     predictor = getattr(model.sem_seg_head, "gmm_predictor", None)
     if predictor is None:
         raise SystemExit(f"{cfg.MODEL.SEM_SEG_HEAD.NAME}: not a per-pixel GMM head (no gmm_predictor)")
+    return model, predictor
+
+
+def collect(
+    model, predictor, dataset: str, max_images: int, image_format: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the model's inference on the first ``max_images`` of ``dataset``; return the embeddings (N, D)
+    and their labels (N,) at the embeddings' resolution."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+    from PIL import Image
+
     captured: list[torch.Tensor] = []
-    predictor.register_forward_hook(lambda module, inputs, outputs: captured.append(outputs["embeddings"]))
+    handle = predictor.register_forward_hook(
+        lambda module, inputs, outputs: captured.append(outputs["embeddings"])
+    )
     embeddings, labels = [], []
-    dataset = cfg.DATASETS.TEST[0]
-    with torch.no_grad():
-        for record in DatasetCatalog.get(dataset)[:max_images]:
-            image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
-            captured.clear()
-            tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-            model([{"image": tensor, "height": image.shape[0], "width": image.shape[1]}])
-            grid = captured[0][0]  # (h, w, D)
-            label = torch.as_tensor(np.array(Image.open(record["sem_seg_file_name"]), dtype=np.int64))
-            label = F.interpolate(label[None, None].float(), size=grid.shape[:2], mode="nearest")
-            embeddings.append(grid.reshape(-1, grid.shape[-1]))
-            labels.append(label.reshape(-1).long())
-    return torch.cat(embeddings), torch.cat(labels), predictor
+    try:
+        with torch.no_grad():
+            for record in DatasetCatalog.get(dataset)[:max_images]:
+                image = read_image(record["file_name"], format=image_format)
+                captured.clear()
+                tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+                model([{"image": tensor, "height": image.shape[0], "width": image.shape[1]}])
+                grid = captured[0][0]  # (h, w, D)
+                label = torch.as_tensor(np.array(Image.open(record["sem_seg_file_name"]), dtype=np.int64))
+                label = F.interpolate(label[None, None].float(), size=grid.shape[:2], mode="nearest")
+                embeddings.append(grid.reshape(-1, grid.shape[-1]))
+                labels.append(label.reshape(-1).long())
+    finally:
+        handle.remove()
+    return torch.cat(embeddings), torch.cat(labels)
+
+
+def fit_linear_probe(
+    embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, max_samples: int = 60000
+):
+    """Multinomial logistic regression on (at most ``max_samples``, drawn with a fixed seed) labelled
+    embeddings; returns the fitted scikit-learn classifier."""
+    from sklearn.linear_model import LogisticRegression
+
+    keep = (labels >= 0) & (labels < num_classes)
+    x, y = embeddings[keep].double().numpy(), labels[keep].numpy()
+    chosen = np.random.default_rng(0).permutation(len(y))[:max_samples]
+    return LogisticRegression(C=10.0, max_iter=500).fit(x[chosen], y[chosen])
+
+
+def mean_iou(pred: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> float:
+    """Mean over ``classes`` of IoU = TP / (TP + FP + FN), pooled over all pixels with a label in
+    ``[0, num_classes)``; classes with neither a pixel nor a prediction are left out of the mean."""
+    keep = (labels >= 0) & (labels < num_classes)
+    pred, labels = pred[keep].long(), labels[keep].long()
+    confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, -1)
+    tp = confusion.diagonal().double()
+    union = confusion.sum(0).double() + confusion.sum(1).double() - tp
+    chosen = torch.tensor(classes)
+    present = union[chosen] > 0
+    return (
+        100 * float((tp[chosen][present] / union[chosen][present]).mean()) if present.any() else float("nan")
+    )
 
 
 def decompose(embeddings: torch.Tensor, labels: torch.Tensor, predictor) -> dict[str, torch.Tensor]:
@@ -162,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default=None, help="default: the config's first test dataset")
     parser.add_argument("--max-images", type=int, default=100)
     parser.add_argument("--summary-classes", default=None, help="also one row over these classes: '4-11'")
+    parser.add_argument(
+        "--linear-probe", type=int, default=0, metavar="N", help="fit a linear probe on N training images"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args(argv)
     if not Path(args.weights).is_file():
@@ -186,16 +236,41 @@ def main(argv: list[str] | None = None) -> int:
     validate_gmmseg_config(cfg)
     cfg.freeze()
 
-    embeddings, labels, predictor = collect(cfg, args.max_images)
+    model, predictor = load_model(cfg)
+    dataset = cfg.DATASETS.TEST[0]
+    embeddings, labels = collect(model, predictor, dataset, args.max_images, cfg.INPUT.FORMAT)
     terms = decompose(embeddings, labels, predictor)
-    names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).stuff_classes
+    names = MetadataCatalog.get(dataset).stuff_classes
     groups = {name: [c] for c, name in enumerate(names)}
+    summary = None
     if args.summary_classes:
         chosen = parse_classes(args.summary_classes)
-        groups[f"{names[chosen[0]]} to {names[chosen[-1]]}"] = chosen
+        summary = (f"{names[chosen[0]]} to {names[chosen[-1]]}", chosen)
+        groups[summary[0]] = chosen
     groups["all classes"] = list(range(len(names)))
-    print(f"{cfg.DATASETS.TEST[0]} (first {args.max_images} images), {args.weights}\n")
+    print(f"{dataset} (first {args.max_images} images), {args.weights}\n")
     print(markdown(rows(terms, groups)))
+    if args.linear_probe > 0:
+        train = cfg.DATASETS.TRAIN[0]
+        train_embeddings, train_labels = collect(model, predictor, train, args.linear_probe, cfg.INPUT.FORMAT)
+        probe = fit_linear_probe(train_embeddings, train_labels, len(names))
+        keep = terms["labels"]
+        probe_pred = torch.as_tensor(probe.predict(embeddings[labels < len(names)].double().numpy()))
+        predictions = {
+            "GMM head (posterior)": terms["posterior_pred"],
+            "GMM head (raw Bayes rule)": terms["raw_pred"],
+            f"linear probe ({train}, {args.linear_probe} images)": probe_pred,
+        }
+        columns = {"all classes": list(range(len(names)))}
+        if summary is not None:
+            columns[summary[0]] = summary[1]
+            columns["the other classes"] = [c for c in range(len(names)) if c not in summary[1]]
+        print(f"Mean IoU (%) on {dataset} at the embeddings' resolution, same embeddings:\n")
+        print("| classifier | " + " | ".join(columns) + " |")
+        print("| --- |" + " ---: |" * len(columns))
+        for name, pred in predictions.items():
+            cells = [f"{mean_iou(pred, keep, c, len(names)):.1f}" for c in columns.values()]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 

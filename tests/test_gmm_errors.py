@@ -89,6 +89,34 @@ def test_rows_count_errors_and_which_term_decides_them():
     assert text.count("\n| ") == 4 and "| a | 2 | 50.0 | 100.0 | 1 | 100.0% | +2.00 | -4.00 |" in text
 
 
+def test_mean_iou_matches_scikit_learn():
+    from sklearn.metrics import jaccard_score
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (500,), generator=g)
+    labels[:20] = 255  # ignored
+    pred = torch.where(torch.rand(500, generator=g) < 0.6, labels, torch.randint(0, 4, (500,), generator=g))
+    pred[:20] = 0
+    keep = labels < 5
+    per_class = jaccard_score(labels[keep].numpy(), pred[keep].numpy(), labels=list(range(5)), average=None)
+    errors = _module()
+    assert errors.mean_iou(pred, labels, [0, 1, 2, 3, 4], 5) == pytest.approx(100 * per_class.mean())
+    assert errors.mean_iou(pred, labels, [3, 4], 5) == pytest.approx(100 * per_class[3:].mean())
+    # a class neither present nor predicted is left out of the mean, not counted as 0
+    assert errors.mean_iou(pred, labels, [0, 1, 2, 3, 4, 5], 6) == pytest.approx(100 * per_class.mean())
+
+
+def test_linear_probe_separates_what_the_mixtures_do_not():
+    """Embeddings split by a hyperplane but far from the mixtures' means: the probe gets them right."""
+    errors = _module()
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(600, D, generator=g), dim=-1)
+    labels = (x[:, 0] > 0).long()
+    probe = errors.fit_linear_probe(x, labels, num_classes=2, max_samples=400)
+    accuracy = (torch.as_tensor(probe.predict(x.double().numpy())) == labels).float().mean()
+    assert accuracy > 0.97
+
+
 def test_parse_classes():
     assert _module().parse_classes("4-6,9") == [4, 5, 6, 9]
 
@@ -102,7 +130,7 @@ def test_script_reports_every_class_of_a_saved_model(tmp_path):
     from gmmseg import add_gmmseg_config
     from gmmseg.data.digitscapes import generate_digitscapes
 
-    generate_digitscapes(str(tmp_path / "datasets"), seed=0, image_size=64, counts={"train": 1, "val": 3})
+    generate_digitscapes(str(tmp_path / "datasets"), seed=0, image_size=64, counts={"train": 2, "val": 3})
     cfg = get_cfg()
     add_gmmseg_config(cfg)
     cfg.merge_from_file(str(CONFIG))
@@ -114,17 +142,24 @@ def test_script_reports_every_class_of_a_saved_model(tmp_path):
         [
             sys.executable, str(SCRIPT), "--config-file", str(CONFIG),
             "--weights", str(tmp_path / "weights.pth"), "--summary-classes", "4-11",
-            "--max-images", "2", "INPUT.MIN_SIZE_TEST", "64",
+            "--max-images", "2", "--linear-probe", "2", "INPUT.MIN_SIZE_TEST", "64",
         ],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    names = [line.split(" | ")[0][2:] for line in lines[2:]]
+    names = [line.split(" | ")[0][2:] for line in lines[2:16]]
     assert names[:12] == ["sky", "water", "foliage", "building"] + [f"digit {i}" for i in range(8)]
     assert names[12:] == ["digit 0 to digit 7", "all classes"]
-    pixels = [int(line.split(" | ")[1].replace(",", "")) for line in lines[2:]]
+    pixels = [int(line.split(" | ")[1].replace(",", "")) for line in lines[2:16]]
     assert sum(pixels[:12]) == pixels[13] > 0 and sum(pixels[4:12]) == pixels[12]
+    probe_table = proc.stdout[proc.stdout.index("| classifier |") :].splitlines()
+    assert probe_table[0] == "| classifier | all classes | digit 0 to digit 7 | the other classes |"
+    assert [row.split(" | ")[0] for row in probe_table[2:5]] == [
+        "| GMM head (posterior)",
+        "| GMM head (raw Bayes rule)",
+        "| linear probe (digitscapes_train, 2 images)",
+    ]
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):
