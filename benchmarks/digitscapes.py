@@ -11,8 +11,9 @@ Variants (same backbone, decoder, data, seed and schedule; they differ only in w
 - ``softmax_posthoc_gmm``: GMMs fitted to the trained softmax model's features afterwards
   (``tools/fit_posthoc_gmm.py``, then ``TEST.POSTHOC_GMM``).
 
-Probes (``--probes``, or by name with ``--only``): one ``MODEL.GMM`` setting of GMMSeg changed at a time, to
-look for what holds GMMSeg back in this short from-scratch schedule; see ``PROBES``.
+Probes (``--probes``, or by name with ``--only``): one setting changed at a time (a ``MODEL.GMM`` key of
+GMMSeg, or the loss of both models), to look for what holds GMMSeg back in this short from-scratch
+schedule; see ``PROBES``.
 
 Each variant runs ``train_net.py`` in ``OUTPUT/<variant>/`` (``OUTPUT/<variant>_seed<N>/`` for seeds other
 than 0) and is evaluated on ``digitscapes_val`` (mIoU, ECE) and ``digitscapes_anomaly_val`` (AUROC / AP /
@@ -57,7 +58,7 @@ VARIANTS: dict[str, tuple[Path, list[str], str]] = {
     "gmmseg_discriminative": (GMMSEG, ["MODEL.GMM.FIT", "backprop"], "discriminative GMMSeg (backprop)"),
     "softmax_posthoc_gmm": (SOFTMAX, [], "softmax + GMM fitted afterwards"),
 }
-# one MODEL.GMM setting of GMMSeg at a time (``--probes``): what holds GMMSeg back in this schedule?
+# one setting at a time (``--probes``): what holds GMMSeg back in this schedule?
 PROBES: dict[str, tuple[Path, list[str], str]] = {
     "gmmseg_mean_momentum_0.99": (
         GMMSEG, ["MODEL.GMM.MEAN_MOMENTUM", "0.99"], "GMMSeg probe: MEAN_MOMENTUM 0.99 (faster means)"
@@ -70,6 +71,16 @@ PROBES: dict[str, tuple[Path, list[str], str]] = {
     ),
     "gmmseg_no_logit_norm": (
         GMMSEG, ["MODEL.GMM.LOGIT_NORM", "none"], "GMMSeg probe: LOGIT_NORM none (plain Bayes rule)"
+    ),
+    "gmmseg_linear_projection": (
+        GMMSEG, ["MODEL.GMM.PROJECTION_ACTIVATION", "none"], "GMMSeg probe: no ReLU after the projection"
+    ),
+    # the loss both models share: plain cross-entropy instead of DeepLab's hardest-20%-of-pixels one
+    "softmax_plain_ce": (
+        SOFTMAX, ["MODEL.SEM_SEG_HEAD.LOSS_TYPE", "cross_entropy"], "softmax probe: plain cross-entropy"
+    ),
+    "gmmseg_plain_ce": (
+        GMMSEG, ["MODEL.SEM_SEG_HEAD.LOSS_TYPE", "cross_entropy"], "GMMSeg probe: plain cross-entropy"
     ),
 }  # fmt: skip
 ABLATIONS = list(VARIANTS)
@@ -198,7 +209,8 @@ def rows_for(name: str, per_seed: dict[int, dict]) -> list[dict]:
     several seeds also its sample standard deviation (``<metric>_std``) and the per-seed values
     (``<metric>_seeds``, in the order of ``row["seeds"]``).
     """
-    scores = ["msp", "entropy"] if name == "softmax" else ["gmm"]
+    softmax_scores = VARIANTS[name][0] == SOFTMAX and name != "softmax_posthoc_gmm"
+    scores = ["msp", "entropy"] if softmax_scores else ["gmm"]
     rows = []
     for score in scores:
         values: dict[str, list] = {key: [] for key in METRICS}
