@@ -197,7 +197,11 @@ def run_variant(
     return json.loads((out / "inference" / "metrics.json").read_text())
 
 
-METRICS = ("mIoU", "ECE") + tuple(
+# DigitScapes' class groups (gmmseg.data.digitscapes): 4 stuff classes, then the 8 known digits
+STUFF = ("sky", "water", "foliage", "building")
+DIGITS = tuple(f"digit {d}" for d in range(8))
+CLOSED_SET = ("mIoU", "stuff mIoU", "digit mIoU", "ECE")
+METRICS = CLOSED_SET + tuple(
     f"{family}{metric}" for family in ("", "near/", "far/") for metric in ("AUROC", "AP", "FPR95")
 )
 
@@ -218,8 +222,10 @@ def rows_for(name: str, per_seed: dict[int, dict]) -> list[dict]:
             val = metrics["digitscapes_val"]["sem_seg"]
             anomaly = metrics["digitscapes_anomaly_val"]["anomaly"]
             values["mIoU"].append(val["mIoU"])
+            values["stuff mIoU"].append(statistics.fmean(val[f"IoU-{c}"] for c in STUFF))
+            values["digit mIoU"].append(statistics.fmean(val[f"IoU-{c}"] for c in DIGITS))
             values["ECE"].append(val["ECE"])
-            for key in METRICS[2:]:
+            for key in METRICS[len(CLOSED_SET) :]:
                 values[key].append(anomaly.get(f"{score}/{key}"))
         row = {"variant": name, "description": VARIANTS[name][2], "score": score, "seeds": list(per_seed)}
         for key, seen in values.items():
@@ -248,16 +254,17 @@ def markdown(rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| variant | val mIoU | val ECE | score | AUROC | AP | FPR95 | near AUROC / AP / FPR95 "
-        "| far AUROC / AP / FPR95 |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | val mIoU | stuff / digit mIoU | val ECE | score | AUROC | AP | FPR95 "
+        "| near AUROC / AP / FPR95 | far AUROC / AP / FPR95 |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         near = " / ".join(g(r, f"near/{m}") for m in ("AUROC", "AP", "FPR95"))
         far = " / ".join(g(r, f"far/{m}") for m in ("AUROC", "AP", "FPR95"))
+        groups = f"{g(r, 'stuff mIoU')} / {g(r, 'digit mIoU')}"
         lines.append(
-            f"| {r['description']} | {f(r, 'mIoU')} | {f(r, 'ECE')} | {r['score']} | {f(r, 'AUROC')} | "
-            f"{f(r, 'AP')} | {f(r, 'FPR95')} | {near} | {far} |"
+            f"| {r['description']} | {f(r, 'mIoU')} | {groups} | {f(r, 'ECE')} | {r['score']} | "
+            f"{f(r, 'AUROC')} | {f(r, 'AP')} | {f(r, 'FPR95')} | {near} | {far} |"
         )
     return "\n".join(lines) + "\n"
 
