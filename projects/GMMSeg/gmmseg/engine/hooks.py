@@ -39,8 +39,9 @@ class GMMEMHook(HookBase):
     current batch; for one whose queues got nothing new, its M-step reads the random vectors its queues
     start with. Ours hold real features only, so such a class keeps its parameters, and the classifier's
     initial stds, ``unfitted_std``, are what the reference's M-step would give it.) Every process holds
-    the same memory and computes the same update, so the mixture parameters stay identical everywhere. The memory and the set of
-    classes seen are saved with every checkpoint (``state_dict``) and restored by ``--resume``.
+    the same memory and computes the same update, so the mixture parameters stay identical everywhere.
+    The memory and the set of classes seen are saved with every checkpoint (``state_dict``) and restored
+    by ``--resume``.
 
     ``capacity=0`` runs without a memory (the paper's "memory 0" ablation): the queues keep only what the
     steps since the previous M-step added, and are emptied after each M-step.
