@@ -275,8 +275,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['variant']}\n({r['score']})" for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
+    labels = [f"{r['variant']} ({r['score']})" for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 1.5 + 0.3 * len(rows)))
     for ax, (key, title) in zip(
         axes,
         [
