@@ -124,6 +124,12 @@ class Progress:
     def advance(self, n: int) -> None:
         self.bar.update(n)
 
+    def skip(self, n: int) -> None:
+        """Iterations that will not run (finished or resumed runs): off the total, so that the pace and
+        the time left are estimated from iterations trained in this invocation only."""
+        self.bar.total -= n
+        self.bar.refresh()
+
     def close(self) -> None:
         self.bar.close()
 
@@ -164,7 +170,7 @@ def run_variant(
     done_file = out / "done.json"
     if done_file.is_file() and json.loads(done_file.read_text()).get("key") == key:
         if progress is not None:
-            progress.advance(iters if name != "softmax_posthoc_gmm" else 0)
+            progress.skip(iters if name != "softmax_posthoc_gmm" else 0)
         return json.loads((out / "inference" / "metrics.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -188,7 +194,7 @@ def run_variant(
     else:
         start = last_iteration(out)
         if progress is not None:
-            progress.advance(start)
+            progress.skip(start)
         train = [py, str(REPO / "train_net.py"), "--config-file", str(config)]
         train += ["--resume"] if start > 0 else []
         train += [*opts, *extra, "OUTPUT_DIR", str(out)]

@@ -109,3 +109,19 @@ def test_digitscapes_benchmark_quick_over_seeds_reports_mean_and_spread(tmp_path
     table = (out / "s.md").read_text()
     assert "seeds 0, 1: mean ± sample standard deviation" in table and f"{row['mIoU']:.2f} ± " in table
     assert (out / "s.png").stat().st_size > 0 and not (out / "results.md").exists()
+
+
+def test_progress_counts_only_the_iterations_this_invocation_trains():
+    """Finished or resumed runs leave the total instead of filling the bar in no time, which would
+    make the pace, hence the time left, wildly optimistic."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digitscapes", REPO / "benchmarks" / "digitscapes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    progress = bench.Progress(3 * 600)
+    progress.skip(600)  # a finished run, reused
+    progress.skip(200)  # a run resumed at iteration 200
+    progress.advance(400)
+    assert (progress.bar.total, progress.bar.n) == (1000, 400)
+    progress.close()
