@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import statistics
@@ -228,8 +229,8 @@ def rows_for(name: str, per_seed: dict[int, dict]) -> list[dict]:
             val = metrics["digitscapes_val"]["sem_seg"]
             anomaly = metrics["digitscapes_anomaly_val"]["anomaly"]
             values["mIoU"].append(val["mIoU"])
-            values["stuff mIoU"].append(statistics.fmean(val[f"IoU-{c}"] for c in STUFF))
-            values["digit mIoU"].append(statistics.fmean(val[f"IoU-{c}"] for c in DIGITS))
+            values["stuff mIoU"].append(group_miou(val, STUFF))
+            values["digit mIoU"].append(group_miou(val, DIGITS))
             values["ECE"].append(val["ECE"])
             for key in METRICS[len(CLOSED_SET) :]:
                 values[key].append(anomaly.get(f"{score}/{key}"))
@@ -240,10 +241,26 @@ def rows_for(name: str, per_seed: dict[int, dict]) -> list[dict]:
                 continue
             row[key] = statistics.fmean(seen)
             if len(seen) > 1:
-                row[f"{key}_std"] = statistics.stdev(seen)
+                row[f"{key}_std"] = sample_std(seen)
                 row[f"{key}_seeds"] = seen
         rows.append(row)
     return rows
+
+
+def group_miou(sem_seg: dict, classes) -> float:
+    """Mean IoU over a group of classes, skipping NaN (absent) classes as mIoU itself does."""
+    present = [sem_seg[f"IoU-{c}"] for c in classes if not math.isnan(sem_seg[f"IoU-{c}"])]
+    return math.fsum(present) / len(present) if present else math.nan
+
+
+def sample_std(values: list[float]) -> float:
+    """Sample standard deviation that returns NaN for NaN input.
+
+    ``statistics.stdev`` raises on NaN (a class absent from a short run's predictions and
+    labels has IoU NaN), so the spread is computed directly.
+    """
+    mean = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def markdown(rows: list[dict], header: str) -> str:

@@ -125,3 +125,27 @@ def test_progress_counts_only_the_iterations_this_invocation_trains():
     progress.advance(400)
     assert (progress.bar.total, progress.bar.n) == (1000, 400)
     progress.close()
+
+
+def _load_digitscapes_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digitscapes", REPO / "benchmarks" / "digitscapes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_seed_statistics_match_statistics_module_and_survive_absent_classes():
+    """A class absent from a short run has IoU NaN: the group mean skips it like mIoU does, and the
+    spread over seeds is NaN instead of a crash (statistics.stdev raises on NaN)."""
+    import math
+    import statistics
+
+    bench = _load_digitscapes_benchmark()
+    values = [30.87, 31.2, 29.95]
+    assert bench.sample_std(values) == pytest.approx(statistics.stdev(values), rel=1e-12)
+    assert math.isnan(bench.sample_std([1.0, float("nan")]))
+    sem_seg = {"IoU-a": 10.0, "IoU-b": float("nan"), "IoU-c": 30.0}
+    assert bench.group_miou(sem_seg, ["a", "b", "c"]) == pytest.approx(20.0)
+    assert math.isnan(bench.group_miou(sem_seg, ["b"]))
