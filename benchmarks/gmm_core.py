@@ -108,25 +108,59 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call: CUDA events around it on GPU, wall clock on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
     """Median seconds per call (CUDA events on GPU)."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000.0)
+    return statistics.median(_seconds(fn, device) for _ in range(repeats))
+
+
+def time_pair(
+    baseline: Callable[[], object], candidate: Callable[[], object], device: torch.device, repeats: int
+) -> dict:
+    """Times two calls interleaved, for a ratio that drift in machine speed cannot bias.
+
+    Timing one model after the other lets any slow-down in between (another process, frequency
+    scaling, the allocator) land on one side only; on a 2-core machine that moved GMM / softmax
+    ratios by +-15% between runs. Here each round times both, in alternating order (AB, BA, ...),
+    and the ratio is the median of the per-round ratios. Returns the medians, that ratio, its range
+    and every round's times.
+    """
+    baseline()
+    candidate()
+    sync(device)
+    times_a, times_b = [], []
+    for round_index in range(repeats):
+        if round_index % 2 == 0:
+            times_a.append(_seconds(baseline, device))
+            times_b.append(_seconds(candidate, device))
         else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            times_b.append(_seconds(candidate, device))
+            times_a.append(_seconds(baseline, device))
+    ratios = [b / a for a, b in zip(times_a, times_b)]
+    return {
+        "baseline": statistics.median(times_a),
+        "candidate": statistics.median(times_b),
+        "ratio": statistics.median(ratios),
+        "ratio_range": [min(ratios), max(ratios)],
+        "baseline_times": times_a,
+        "candidate_times": times_b,
+    }
 
 
 def loglik_inputs(n: int, num_c: int, k: int, d: int, dtype: torch.dtype, device: torch.device):

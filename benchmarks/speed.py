@@ -8,10 +8,12 @@
    M-step (every ``MODEL.GMM.UPDATE_INTERVAL`` steps) and their per-step average.
 3. The GMM core against the reference formulation (``benchmarks/gmm_core.py``'s two tables).
 
-All ratios in a table come from the same run on the same machine. Timing: median over repeats after a
-warm-up; on CUDA with CUDA events and synchronisation (``gmm_core.time_call``). Peak memory: on CPU the
-growth of the process's peak resident set over the call, each call in a fresh subprocess after a warm-up
-call (``gmm_core.peak_rss_growth``); on CUDA the growth of ``torch.cuda.max_memory_allocated``.
+All ratios in a table come from the same run on the same machine. Timing: the softmax and the GMM model
+of a pair are loaded together and timed interleaved, round after round, so that drift in the machine's
+speed affects both; times are medians over rounds after a warm-up and the ratio is the median of the
+per-round ratios (``gmm_core.time_pair``); on CUDA with CUDA events and synchronisation. Peak memory:
+on CPU the growth of the process's peak resident set over the call, each call in a fresh subprocess after
+a warm-up call (``gmm_core.peak_rss_growth``); on CUDA the growth of ``torch.cuda.max_memory_allocated``.
 
 Usage: ``python benchmarks/speed.py [--device cpu|cuda] [--quick] [--threads 2] [--pairs ...]
 [--output FILE]``
@@ -21,6 +23,7 @@ Usage: ``python benchmarks/speed.py [--device cpu|cuda] [--quick] [--threads 2] 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -128,62 +131,83 @@ def inference_peak(config: Path, device: torch.device, size: tuple[int, int], th
 
 
 def bench_inference(pairs, device: torch.device, size, repeats: int, threads: int) -> list[dict]:
+    """Both models of a pair are loaded together and timed interleaved (``gmm_core.time_pair``)."""
     rows = []
     for pair in pairs:
-        for kind in ("softmax", "gmmseg"):
-            config = REPO / "configs" / f"{pair}_{kind}.yaml"
-            _, model = load_model(config, str(device), training=False)
-            inputs = inference_inputs(size, str(device))
-            with torch.no_grad():
-                seconds = gmm_core.time_call(lambda m=model, x=inputs: m(x), device, repeats)
-            peak = inference_peak(config, device, size, threads, model)
-            params = sum(p.numel() for p in model.parameters())
-            rows.append({"pair": pair, "kind": kind, "seconds": seconds, "peak": peak, "params": params})
-            del model
+        configs = {kind: REPO / "configs" / f"{pair}_{kind}.yaml" for kind in ("softmax", "gmmseg")}
+        models = {kind: load_model(path, str(device), training=False)[1] for kind, path in configs.items()}
+        inputs = inference_inputs(size, str(device))
+        calls = {kind: functools.partial(model, inputs) for kind, model in models.items()}
+        with torch.no_grad():
+            timing = gmm_core.time_pair(calls["softmax"], calls["gmmseg"], device, repeats)
+        for kind, side in (("softmax", "baseline"), ("gmmseg", "candidate")):
+            row = {
+                "pair": pair,
+                "kind": kind,
+                "seconds": timing[side],
+                "times": timing[f"{side}_times"],
+                "peak": inference_peak(configs[kind], device, size, threads, models[kind]),
+                "params": sum(p.numel() for p in models[kind].parameters()),
+            }
+            if kind == "gmmseg":
+                row["ratio"], row["ratio_range"] = timing["ratio"], timing["ratio_range"]
+            rows.append(row)
+        del models
     return rows
 
 
 def bench_training(pairs, device: torch.device, size, batch: int, repeats: int) -> list[dict]:
+    """Training steps of the two models of a pair interleaved, then the EM hook on the GMM model's batch."""
     from gmmseg.engine.hooks import GMMEMHook, find_gmm_predictors
     from gmmseg.solver import build_optimizer
 
+    def make_step(model, optimizer, inputs):
+        def step():
+            loss = sum(model(inputs).values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return step
+
     rows = []
     for pair in pairs:
+        setups = {}
         for kind in ("softmax", "gmmseg"):
-            config = REPO / "configs" / f"{pair}_{kind}.yaml"
-            cfg, model = load_model(config, str(device), training=True)
-            optimizer = build_optimizer(cfg, model)
+            cfg, model = load_model(REPO / "configs" / f"{pair}_{kind}.yaml", str(device), training=True)
             inputs = training_inputs(size, batch, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, str(device))
+            setups[kind] = (cfg, model, make_step(model, build_optimizer(cfg, model), inputs))
+        timing = gmm_core.time_pair(setups["softmax"][2], setups["gmmseg"][2], device, repeats)
+        times = timing["baseline_times"]
+        rows.append({"pair": pair, "kind": "softmax", "step": timing["baseline"], "times": times})
+        cfg, model, step = setups["gmmseg"]
+        row = {
+            "pair": pair,
+            "kind": "gmmseg",
+            "step": timing["candidate"],
+            "times": timing["candidate_times"],
+            "ratio": timing["ratio"],
+            "ratio_range": timing["ratio_range"],
+        }
+        predictor = find_gmm_predictors(model)[0]
+        hook = GMMEMHook.from_config(cfg, predictor)
+        step()  # leaves this step's EM batch in the predictor
+        batch_em = predictor.pop_em_batch()
 
-            def step(m=model, opt=optimizer, x=inputs):
-                loss = sum(m(x).values())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        def em_update(h=hook, b=batch_em):
+            h.update(b["embeddings"], b["labels"], b["correct"])
 
-            seconds = gmm_core.time_call(step, device, repeats)
-            row = {"pair": pair, "kind": kind, "step": seconds}
-            predictors = find_gmm_predictors(model)
-            if predictors:
-                predictor = predictors[0]
-                hook = GMMEMHook.from_config(cfg, predictor)
-                step()  # leaves this step's EM batch in the predictor
-                batch_em = predictor.pop_em_batch()
+        def m_step(h=hook):
+            h.seen.fill_(True)  # every class updated: the worst case
+            h._m_step()
 
-                def em_update(h=hook, b=batch_em):
-                    h.update(b["embeddings"], b["labels"], b["correct"])
-
-                def m_step(h=hook):
-                    h.seen.fill_(True)  # every class updated: the worst case
-                    h._m_step()
-
-                row["e_step_enqueue"] = gmm_core.time_call(em_update, device, repeats)
-                row["m_step"] = gmm_core.time_call(m_step, device, repeats)
-                row["interval"] = cfg.MODEL.GMM.UPDATE_INTERVAL
-                row["hook"] = row["e_step_enqueue"] + row["m_step"] / row["interval"]
-                row["pixels"] = int(batch_em["labels"].numel())
-            rows.append(row)
-            del model, optimizer
+        row["e_step_enqueue"] = gmm_core.time_call(em_update, device, repeats)
+        row["m_step"] = gmm_core.time_call(m_step, device, repeats)
+        row["interval"] = cfg.MODEL.GMM.UPDATE_INTERVAL
+        row["hook"] = row["e_step_enqueue"] + row["m_step"] / row["interval"]
+        row["pixels"] = int(batch_em["labels"].numel())
+        rows.append(row)
+        del setups, model, step
     return rows
 
 
@@ -203,8 +227,8 @@ def inference_table(rows: list[dict], size) -> str:
     lines = [
         f"### Inference, one {size[0]}x{size[1]} image (posteriors + one anomaly score at input resolution)",
         "",
-        "| model | classifier | parameters | time | GMM / softmax time | peak extra memory "
-        "| GMM / softmax memory |",
+        "| model | classifier | parameters | time | GMM / softmax time (range over rounds) "
+        "| peak extra memory | GMM / softmax memory |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for pair, kinds in by_pair(rows).items():
@@ -215,7 +239,8 @@ def inference_table(rows: list[dict], size) -> str:
         )
         lines.append(
             f"| {pair} | GMM | {gmm['params'] / 1e6:,.2f} M | {ms(gmm['seconds'])} | "
-            f"{gmm['seconds'] / soft['seconds']:.2f} | {gmm_core.mib(gmm['peak'])} | "
+            f"{gmm['ratio']:.2f} ({gmm['ratio_range'][0]:.2f}-{gmm['ratio_range'][1]:.2f}) | "
+            f"{gmm_core.mib(gmm['peak'])} | "
             f"{gmm['peak'] / max(soft['peak'], 1):.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -226,14 +251,15 @@ def training_table(rows: list[dict], size, batch: int) -> str:
         f"### Training step, batch {batch} x {size[0]}x{size[1]} (forward, backward, optimizer step) "
         "and the EM hook",
         "",
-        "| model | softmax step | GMM step | GMM / softmax | E-step + enqueue | M-step (every n) "
+        "| model | softmax step | GMM step | GMM / softmax (range) | E-step + enqueue | M-step (every n) "
         "| hook per step | hook / GMM step |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for pair, kinds in by_pair(rows).items():
         soft, gmm = kinds["softmax"], kinds["gmmseg"]
         lines.append(
-            f"| {pair} | {ms(soft['step'])} | {ms(gmm['step'])} | {gmm['step'] / soft['step']:.2f} | "
+            f"| {pair} | {ms(soft['step'])} | {ms(gmm['step'])} | {gmm['ratio']:.2f} "
+            f"({gmm['ratio_range'][0]:.2f}-{gmm['ratio_range'][1]:.2f}) | "
             f"{ms(gmm['e_step_enqueue'])} | {ms(gmm['m_step'])} (n = {gmm['interval']}) | "
             f"{ms(gmm['hook'])} | {100 * gmm['hook'] / gmm['step']:.1f}% |"
         )
@@ -261,13 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device available")
     size = (128, 256) if args.quick else (512, 1024)
     crop, batch = ((128, 128), 1) if args.quick else ((512, 512), 2)
-    repeats = 1 if args.quick else 5
+    repeats = 1 if args.quick else 7
     desc = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
     if device.type == "cuda":
         desc = torch.cuda.get_device_name(device)
     header = (
         f"torch {torch.__version__}, {desc}, torch threads {torch.get_num_threads()}, quick={args.quick}, "
-        f"median of {repeats} after a warm-up\n"
+        f"softmax and GMM timed interleaved, {repeats} rounds after a warm-up: medians, and the median "
+        "(range) of the per-round GMM / softmax ratios\n"
     )
     print(header, flush=True)
     start = time.time()

@@ -51,6 +51,10 @@ def test_speed_quick_measures_both_classifiers(tmp_path):
     assert len(gmm_rows) == 2
     for row in gmm_rows:  # the hook's cost was measured on a real EM batch
         assert row["e_step_enqueue"] > 0 and row["m_step"] > 0 and row["pixels"] > 0
+    for rows in (measured["inference"], measured["training"]):  # softmax and GMM were timed in rounds
+        for row in (r for r in rows if r["kind"] == "gmmseg"):
+            low, high = row["ratio_range"]
+            assert 0 < low <= row["ratio"] <= high
     assert all("e_step_enqueue" not in r for r in measured["training"] if r["kind"] == "softmax")
 
 
@@ -149,3 +153,31 @@ def test_seed_statistics_match_statistics_module_and_survive_absent_classes():
     sem_seg = {"IoU-a": 10.0, "IoU-b": float("nan"), "IoU-c": 30.0}
     assert bench.group_miou(sem_seg, ["a", "b", "c"]) == pytest.approx(20.0)
     assert math.isnan(bench.group_miou(sem_seg, ["b"]))
+
+
+def test_time_pair_interleaves_in_alternating_order_and_takes_the_median_ratio():
+    """Drift in the machine's speed must hit both sides of a ratio: the calls alternate AB, BA, AB."""
+    import importlib.util
+    import time
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gmm_core", REPO / "benchmarks" / "gmm_core.py")
+    gmm_core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gmm_core)
+    calls = []
+
+    def baseline():
+        calls.append("a")
+        time.sleep(0.01)
+
+    def candidate():
+        calls.append("b")
+        time.sleep(0.03)
+
+    timing = gmm_core.time_pair(baseline, candidate, torch.device("cpu"), repeats=3)
+    assert "".join(calls) == "ab" + "ab" + "ba" + "ab"  # a warm-up of each, then three rounds
+    assert len(timing["baseline_times"]) == len(timing["candidate_times"]) == 3
+    ratios = sorted(b / a for a, b in zip(timing["baseline_times"], timing["candidate_times"]))
+    assert timing["ratio"] == ratios[1] and timing["ratio_range"] == [ratios[0], ratios[-1]]
+    assert 1.5 < timing["ratio"] < 4.0  # 30 ms against 10 ms, with slack for a busy machine
