@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gmmseg.evaluation.report import group_mean_iou
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "digitscapes"
 SOFTMAX = CONFIGS / "deeplabv3plus_R18_softmax.yaml"
@@ -229,8 +231,8 @@ def rows_for(name: str, per_seed: dict[int, dict]) -> list[dict]:
             val = metrics["digitscapes_val"]["sem_seg"]
             anomaly = metrics["digitscapes_anomaly_val"]["anomaly"]
             values["mIoU"].append(val["mIoU"])
-            values["stuff mIoU"].append(group_miou(val, STUFF))
-            values["digit mIoU"].append(group_miou(val, DIGITS))
+            values["stuff mIoU"].append(group_mean_iou(val, STUFF))
+            values["digit mIoU"].append(group_mean_iou(val, DIGITS))
             values["ECE"].append(val["ECE"])
             for key in METRICS[len(CLOSED_SET) :]:
                 values[key].append(anomaly.get(f"{score}/{key}"))
@@ -245,12 +247,6 @@ def rows_for(name: str, per_seed: dict[int, dict]) -> list[dict]:
                 row[f"{key}_seeds"] = seen
         rows.append(row)
     return rows
-
-
-def group_miou(sem_seg: dict, classes) -> float:
-    """Mean IoU over a group of classes, skipping NaN (absent) classes as mIoU itself does."""
-    present = [sem_seg[f"IoU-{c}"] for c in classes if not math.isnan(sem_seg[f"IoU-{c}"])]
-    return math.fsum(present) / len(present) if present else math.nan
 
 
 def sample_std(values: list[float]) -> float:

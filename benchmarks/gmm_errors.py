@@ -108,17 +108,15 @@ def fit_linear_probe(
 
 def mean_iou(pred: torch.Tensor, labels: torch.Tensor, classes: list[int], num_classes: int) -> float:
     """Mean over ``classes`` of IoU = TP / (TP + FP + FN), pooled over all pixels with a label in
-    ``[0, num_classes)``; classes with neither a pixel nor a prediction are left out of the mean."""
+    ``[0, num_classes)``; classes with neither a pixel nor a prediction are left out of the mean (the
+    evaluator's ``confusion_matrix`` and ``segmentation_metrics``)."""
+    from gmmseg.evaluation import confusion_matrix, segmentation_metrics
+    from gmmseg.evaluation.report import group_mean_iou
+
     keep = (labels >= 0) & (labels < num_classes)
-    pred, labels = pred[keep].long(), labels[keep].long()
-    confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, -1)
-    tp = confusion.diagonal().double()
-    union = confusion.sum(0).double() + confusion.sum(1).double() - tp
-    chosen = torch.tensor(classes)
-    present = union[chosen] > 0
-    return (
-        100 * float((tp[chosen][present] / union[chosen][present]).mean()) if present.any() else float("nan")
-    )
+    confusion = confusion_matrix(labels[keep].numpy(), pred[keep].numpy(), num_classes, ignore_label=-1)
+    names = [str(c) for c in range(num_classes)]
+    return group_mean_iou(segmentation_metrics(confusion, names), [names[c] for c in classes])
 
 
 def decompose(embeddings: torch.Tensor, labels: torch.Tensor, predictor) -> dict[str, torch.Tensor]:

@@ -146,13 +146,16 @@ def test_seed_statistics_match_statistics_module_and_survive_absent_classes():
     import math
     import statistics
 
+    from gmmseg.evaluation.report import group_mean_iou
+
     bench = _load_digitscapes_benchmark()
     values = [30.87, 31.2, 29.95]
     assert bench.sample_std(values) == pytest.approx(statistics.stdev(values), rel=1e-12)
     assert math.isnan(bench.sample_std([1.0, float("nan")]))
+    assert bench.group_mean_iou is group_mean_iou  # the stuff / digit columns use the shared helper
     sem_seg = {"IoU-a": 10.0, "IoU-b": float("nan"), "IoU-c": 30.0}
-    assert bench.group_miou(sem_seg, ["a", "b", "c"]) == pytest.approx(20.0)
-    assert math.isnan(bench.group_miou(sem_seg, ["b"]))
+    assert group_mean_iou(sem_seg, ["a", "b", "c"]) == pytest.approx(20.0)
+    assert math.isnan(group_mean_iou(sem_seg, ["b"]))
 
 
 def test_time_pair_interleaves_in_alternating_order_and_takes_the_median_ratio():

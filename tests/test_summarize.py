@@ -49,3 +49,10 @@ def test_bad_group_and_out_of_range_class_are_clear_errors(tmp_path):
         tool.main([str(run), "--groups", "x=0-5"])
     with pytest.raises(SystemExit, match="missing"):
         tool.main([str(tmp_path / "none")])
+
+
+def test_groups_leave_out_absent_classes_as_miou_does(tmp_path, capsys):
+    """A class with neither pixels nor predictions has IoU NaN; mIoU leaves it out, so do the groups."""
+    run = _write_run(tmp_path, "a", [80.0, float("nan"), 10.0])
+    assert _tool().main([str(run), "--groups", "first=0-1", "absent=1"]) == 0
+    assert "| a | val | nan | 80.00 | nan |" in capsys.readouterr().out

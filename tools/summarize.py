@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 try:
-    from gmmseg.evaluation.report import markdown_table, results_rows
+    from gmmseg.evaluation.report import group_mean_iou, markdown_table, results_rows
 except ImportError:  # not installed: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "GMMSeg"))
-    from gmmseg.evaluation.report import markdown_table, results_rows
+    from gmmseg.evaluation.report import group_mean_iou, markdown_table, results_rows
 
 
 def parse_group(text: str) -> tuple[str, list[int]]:
@@ -53,7 +53,7 @@ def group_rows(run: str, metrics: dict, groups: list[tuple[str, list[int]]], per
                 raise SystemExit(
                     f"--groups {name}: class {max(classes)} but {dataset} has {len(ious)} classes"
                 )
-            row.append(f"{sum(ious[c][1] for c in classes) / len(classes):.2f}")
+            row.append(f"{group_mean_iou(sem_seg, [ious[c][0] for c in classes]):.2f}")
         if per_class:
             row += [f"{value:.2f}" for _, value in ious]
         rows.append((row, [name for name, _ in ious]))

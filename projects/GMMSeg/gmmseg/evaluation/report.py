@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
-__all__ = ["HEADER", "results_rows", "markdown_table"]
+__all__ = ["HEADER", "group_mean_iou", "results_rows", "markdown_table"]
 
 HEADER = ("model", "dataset", "mIoU", "ECE", "anomaly score", "AUROC", "AP", "FPR95")
 
@@ -14,6 +14,13 @@ def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.2f}"
+
+
+def group_mean_iou(sem_seg: Mapping[str, float], class_names: Iterable[str]) -> float:
+    """Mean of ``IoU-<name>`` over a group of classes, leaving out NaN (classes neither in the ground truth
+    nor predicted) as mIoU does; NaN when every class of the group is absent."""
+    present = [sem_seg[f"IoU-{name}"] for name in class_names if not math.isnan(sem_seg[f"IoU-{name}"])]
+    return math.fsum(present) / len(present) if present else math.nan
 
 
 def results_rows(model: str, per_dataset: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, ...]]:
