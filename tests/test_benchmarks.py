@@ -184,3 +184,44 @@ def test_time_pair_interleaves_in_alternating_order_and_takes_the_median_ratio()
     ratios = sorted(b / a for a, b in zip(timing["baseline_times"], timing["candidate_times"]))
     assert timing["ratio"] == ratios[1] and timing["ratio_range"] == [ratios[0], ratios[-1]]
     assert 1.5 < timing["ratio"] < 4.0  # 30 ms against 10 ms, with slack for a busy machine
+
+
+def test_close_variants_get_more_seeds_when_within_three_seed_stds():
+    """A variant is repeated with more seeds when its difference from GMMSeg could be seed noise."""
+    bench = _load_digitscapes_benchmark()
+    reference = {"mIoU": 40.0, "mIoU_std": 0.5, "AUROC": 85.0, "AUROC_std": 1.0}
+    assert bench.needs_more_seeds({"mIoU": 41.4, "AUROC": 70.0}, reference)  # 1.4 < 3 x 0.5
+    assert bench.needs_more_seeds({"mIoU": 30.0, "AUROC": 87.9}, reference)  # AUROC 2.9 < 3 x 1.0
+    assert not bench.needs_more_seeds({"mIoU": 41.6, "AUROC": 81.9}, reference)  # both beyond 3 stds
+    assert not bench.needs_more_seeds({"mIoU": 40.0, "AUROC": None}, {"mIoU": 40.0})  # no spread known
+
+
+def test_convergence_reads_the_periodic_evaluations_and_applies_the_tolerance(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convergence", REPO / "benchmarks" / "convergence.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    records = [
+        {"iteration": 9, "total_loss": 1.0},
+        {"iteration": 99, "digitscapes_val/sem_seg/mIoU": 20.5, "digitscapes_anomaly_val/sem_seg/mIoU": 1.0},
+        {"iteration": 199, "sem_seg/mIoU": 30.25},
+    ]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert conv.curve(tmp_path) == [(100, 20.5), (200, 30.25)]
+    assert conv.converged(40.0, 40.9, 1.0) and conv.converged(40.0, 39.0, 1.0)
+    assert not conv.converged(40.0, 41.2, 1.0)
+
+
+@pytest.mark.slow
+def test_convergence_quick_trains_both_heads_twice_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    stdout = _run("convergence.py", "--quick", "--output", str(out), "--eval-period", "2").stdout
+    assert "| softmax DeepLabV3+ R18 |" in stdout
+    report = json.loads((out / "convergence.json").read_text())
+    assert [r["variant"] for r in report["rows"]] == ["softmax", "gmmseg"]
+    for row in report["rows"]:
+        assert (row["iters"], row["long_iters"]) == (4, 8)
+        assert [it for it, _ in row["curve"]] == [2, 4, 6, 8]  # evaluated every 2 iterations of 8
+        assert row["curve"][-1][1] == pytest.approx(row["long_mIoU"])
+    assert (out / "convergence.png").stat().st_size > 0

@@ -101,6 +101,7 @@ def test_gmm_defaults_are_the_reference_values():
         0.01,
     )
     assert (g.MEMORY_DTYPE, g.MEMORY_SAMPLING, g.ENQUEUE_CORRECT_ONLY) == ("float32", "uniform", True)
+    assert g.MEMORY_INIT == "empty"
     assert g.LOGIT_NORM_INIT_SCALE == 1.0
     assert g.PROJECTION_ACTIVATION == "relu"
 
@@ -116,6 +117,7 @@ def test_gmm_defaults_are_the_reference_values():
         ("SINKHORN_ITERS", 0),
         ("MEMORY_SAMPLING", "stratified"),
         ("MEMORY_DTYPE", "int8"),
+        ("MEMORY_INIT", "zeros"),
         ("E_STEP", "kmeans"),
         ("CLASS_SCORE", "sum"),
         ("LOGIT_NORM", "batchnorm"),
@@ -135,3 +137,18 @@ def test_invalid_gmm_value_names_the_key(cfg, key, value):
         validate_gmmseg_config(cfg)
     assert info.value.key == f"MODEL.GMM.{key}"
     assert str(info.value).startswith(f"MODEL.GMM.{key} = {value!r} is invalid")
+
+
+def test_memory_init_values_and_random_needs_a_memory(cfg):
+    cfg.MODEL.GMM.MEMORY_INIT = "random"
+    validate_gmmseg_config(cfg)
+    cfg.MODEL.GMM.MEMORY_INIT = "zeros"
+    with pytest.raises(ConfigValueError, match="'empty' or 'random'") as info:
+        validate_gmmseg_config(cfg)
+    assert info.value.key == "MODEL.GMM.MEMORY_INIT"
+    cfg.MODEL.GMM.MEMORY_INIT, cfg.MODEL.GMM.MEMORY_CAPACITY = "random", 0
+    with pytest.raises(ConfigValueError, match="MEMORY_CAPACITY 0") as info:
+        validate_gmmseg_config(cfg)
+    assert info.value.key == "MODEL.GMM.MEMORY_INIT"
+    cfg.MODEL.GMM.MEMORY_INIT = "empty"
+    validate_gmmseg_config(cfg)  # the batch-only memory itself is fine

@@ -1,5 +1,6 @@
-"""The YAML configs under configs/: they load, softmax/GMMSeg pairs differ only in the head, the paper
-configs carry the paper's settings, and every model builds on CPU with the right number of classes."""
+"""The YAML configs under configs/: they load, softmax/GMMSeg pairs differ only in the head (and, for the
+public datasets, the GMMSeg configs' class-balanced sampler), the paper configs carry the paper's settings,
+and every model builds on CPU with the right number of classes."""
 
 from __future__ import annotations
 
@@ -132,6 +133,12 @@ def test_pair_differs_only_in_head(softmax_path):
         "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME",
     )
     allowed = {k for k in differing if k in (*swapped, "OUTPUT_DIR") or k.startswith("MODEL.GMM.")}
+    if softmax_path.parent.name in PAPER:  # the authors' protocol: GMMSeg trains with their sampler
+        assert (softmax["DATALOADER.SAMPLER_TRAIN"], gmm["DATALOADER.SAMPLER_TRAIN"]) == (
+            "TrainingSampler",
+            "ClassBalancedSampler",
+        )
+        allowed.add("DATALOADER.SAMPLER_TRAIN")
     assert differing == allowed, (
         f"{_id(softmax_path)} and {_id(gmm_path)} differ in {sorted(differing - allowed)}"
     )

@@ -10,9 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 
+from gmmseg import add_gmmseg_config
 from gmmseg.engine.hooks import GMMEMHook
+from gmmseg.gmm import FeatureMemory
+from gmmseg.gmm.em import m_step
 from gmmseg.modeling import GMMPredictor
 
 C, K, D = 4, 3, 8
@@ -149,6 +153,74 @@ def test_state_dict_round_trip_restores_memory_and_seen_classes():
     for key, value in hook.memory.state_dict().items():
         assert torch.equal(other.memory.state_dict()[key], value), key
     assert torch.equal(other.seen, hook.seen) and other.seen[:2].all()
+
+
+@pytest.mark.parametrize("memory_init", ["empty", "random"])
+def test_random_init_updates_classes_present_even_when_nothing_was_enqueued(memory_init):
+    """No pixel is classified correctly, so nothing is enqueued. "empty" leaves every mixture as it was;
+    "random" (the reference) updates the classes present, 0 and 2, from their queues of random vectors."""
+    predictor = _predictor()
+    hook = GMMEMHook(predictor, capacity=30, max_per_step=5, interval=2, memory_init=memory_init)
+    memory0 = {k: v.clone() for k, v in hook.memory.state_dict().items()}
+    means0, stds0 = predictor.gmm.means.clone(), predictor.gmm.stds.clone()
+    steps = []
+    for s in range(2):
+        emb, labels, correct = _step_data(s, classes=(0, 2))
+        steps.append((emb, labels, torch.zeros_like(correct)))
+    _run_hook(hook, predictor, steps)
+    for key, value in memory0.items():  # nothing written: the memory is still its initial state
+        assert torch.equal(hook.memory.state_dict()[key], value), key
+    changed = (predictor.gmm.stds != stds0).any(dim=-1).any(dim=-1)
+    if memory_init == "empty":
+        assert not changed.any() and torch.equal(predictor.gmm.means, means0)
+        return
+    assert changed.tolist() == [True, False, True, False]
+    assert torch.all(hook.memory.count == 30)
+    expected_means, expected_stds = predictor.gmm.means.clone(), predictor.gmm.stds.clone()
+    full_means, full_stds = m_step(hook.memory, means0, stds0, mean_momentum=0.999, var_floor=0.01)
+    for c in (0, 2):
+        torch.testing.assert_close(expected_means[c], full_means[c])
+        torch.testing.assert_close(expected_stds[c], full_stds[c])
+    assert not hook.seen.any()  # cleared by the M-step
+
+
+def test_random_init_resume_restores_the_saved_memory_not_a_new_draw():
+    predictor = _predictor()
+    hook = GMMEMHook(predictor, capacity=30, max_per_step=7, interval=2, memory_init="random", seed=0)
+    _run_hook(hook, predictor, [_step_data(s) for s in range(3)])
+    assert (hook.memory.ptr > 0).any()  # real features displaced some random ones
+    resumed_predictor = _predictor(seed=1)
+    resumed_predictor.load_state_dict(predictor.state_dict())
+    resumed = GMMEMHook(resumed_predictor, capacity=30, max_per_step=7, interval=2, memory_init="random")
+    assert not torch.equal(resumed.memory.features, hook.memory.features)  # a fresh random draw ...
+    resumed.load_state_dict(hook.state_dict())
+    for key, value in hook.memory.state_dict().items():  # ... replaced by the checkpoint's memory
+        assert torch.equal(resumed.memory.state_dict()[key], value), key
+    assert torch.equal(resumed.seen, hook.seen)
+    more = [_step_data(s) for s in range(3, 5)]  # both continue alike (an M-step included)
+    _run_hook(hook, predictor, more)
+    _run_hook(resumed, resumed_predictor, more)
+    assert torch.equal(resumed_predictor.gmm.means, predictor.gmm.means)
+    assert torch.equal(resumed.memory.features, hook.memory.features)
+
+
+def test_random_init_from_config_is_seeded_by_cfg_seed():
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.MODEL.GMM.MEMORY_CAPACITY, cfg.MODEL.GMM.MEMORY_INIT = 12, "random"
+
+    def memory(seed: int) -> torch.Tensor:
+        cfg.SEED = seed
+        return GMMEMHook.from_config(cfg, _predictor()).memory.features
+
+    expected = FeatureMemory(C, K, D, capacity=12)
+    expected.fill_random(torch.Generator().manual_seed(5))
+    assert torch.equal(memory(5), expected.features) and torch.equal(memory(5), memory(5))
+    assert torch.equal(memory(-1), memory(0)) and not torch.equal(memory(0), memory(5))
+    cfg.MODEL.GMM.MEMORY_INIT = "empty"
+    assert torch.all(GMMEMHook.from_config(cfg, _predictor()).memory.features == 0)
+    with pytest.raises(ValueError, match="capacity"):
+        GMMEMHook(_predictor(), capacity=0, memory_init="random")
 
 
 def _two_process_worker(rank: int, init_file: str, steps, out_dir: str) -> None:

@@ -87,6 +87,29 @@ def test_adamw_groups_backbone_multiplier_and_embedding_decay():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
 
 
+class _SegNet(torch.nn.Module):
+    """Backbone and a semantic segmentation head with a LayerNorm, named as Detectron2's segmentors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Conv2d(3, 4, 3)
+        self.sem_seg_head = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.LayerNorm(4))
+
+
+def test_authors_optimizer_head_multiplier_and_no_decay_on_norms():
+    """The GMMSeg authors' AdamW: decode head (projection and LayerNorms included) at 10x the base rate,
+    no weight decay on normalisation layers; the backbone at the base rate with decay."""
+    net = _SegNet()
+    cfg = _solver_cfg(
+        "SOLVER.OPTIMIZER", "ADAMW", "SOLVER.HEAD_MULTIPLIER", "10.0", "SOLVER.WEIGHT_DECAY_NORM", "0.0"
+    )
+    opt = build_optimizer(cfg, net)
+    assert _hyper(opt, net.backbone.weight) == pytest.approx((0.01, 0.05))
+    assert _hyper(opt, net.sem_seg_head[0].weight) == pytest.approx((0.1, 0.05))
+    assert _hyper(opt, net.sem_seg_head[1].weight) == pytest.approx((0.1, 0.0))
+    assert _hyper(opt, net.sem_seg_head[1].bias) == pytest.approx((0.1, 0.0))
+
+
 def test_sgd_defaults_equal_detectron2s_optimizer():
     """With the SGD defaults the groups are Detectron2's (which knows no embedding weight decay)."""
     net = _Net()

@@ -29,8 +29,8 @@ reuse() {  # reuse OUTPUT_DIR: true if a final model exists there and no overrid
 }
 NUM_OVERRIDES=$#
 
-if ! reuse "$softmax"; then
-  "$PY" train_net.py --config-file "$softmax_cfg" OUTPUT_DIR "$softmax" "$@"
+if ! reuse "$softmax"; then  # evaluated once, below, with its Mahalanobis statistics
+  "$PY" train_net.py --config-file "$softmax_cfg" OUTPUT_DIR "$softmax" DATASETS.TEST "()" "$@"
   rm -f "$softmax/mahalanobis.pth"
 fi
 if [ ! -f "$softmax/mahalanobis.pth" ]; then

@@ -21,6 +21,10 @@ MASK_FORMER_ARCHITECTURES = {
     "PosteriorMaskFormer": "MultiScaleMaskedTransformerDecoder",
     "GMMMaskFormer": "GMMMultiScaleMaskedTransformerDecoder",
 }
+# DATALOADER.SAMPLER_TRAIN: shuffled epochs and the authors' class-balanced draws (GMMSegTrainer resumes
+# both mid-stream), or Detectron2's own samplers
+RESUMABLE_TRAIN_SAMPLERS = ("TrainingSampler", "ClassBalancedSampler")
+TRAIN_SAMPLERS = (*RESUMABLE_TRAIN_SAMPLERS, "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
 
 
 class ConfigValueError(ValueError):
@@ -48,11 +52,15 @@ def add_gmmseg_config(cfg: CN) -> None:
     # "full_model": clip the norm of all gradients together (Mask2Former).
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    # lr multiplier for the semantic segmentation head (MODEL.SEM_SEG_HEAD); the GMMSeg authors use 10
+    cfg.SOLVER.HEAD_MULTIPLIER = 1.0
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # Number of equal-width confidence bins of the expected calibration error (ECE).
     cfg.TEST.CALIBRATION_BINS = 15
     # Per-pixel anomaly scores to evaluate (all from the same forward pass): any of "gmm" (GMM heads),
-    # "msp", "entropy", "max_logit", "energy", "mahalanobis". Empty: "gmm" for GMM heads; the four
+    # "gmm_fullres" (per-pixel GMM heads: -max_c log p(x|c) scored per input pixel on the upsampled,
+    # re-normalised embeddings, not upsampled from stride 4), "msp", "entropy", "max_logit", "energy",
+    # "mahalanobis". Empty: "gmm" for GMM heads; the four
     # logit-based ones (+ "mahalanobis" when MAHALANOBIS_STATS is set) for softmax heads.
     cfg.TEST.ANOMALY_SCORES = []
     # Class means and shared precision of penultimate features (tools/fit_mahalanobis.py), for "mahalanobis".
@@ -85,6 +93,9 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.MODEL.GMM.MEMORY_PER_STEP = 20  # at most this many new features per queue per iteration
     cfg.MODEL.GMM.MEMORY_SAMPLING = "uniform"  # which candidates: "uniform" (evenly spaced) | "random"
     cfg.MODEL.GMM.MEMORY_DTYPE = "float32"  # storage of the memory: "float32" | "float16"
+    # How the queues start: "empty" (real features only) | "random" (the reference: every slot a random unit
+    # vector, seeded by SEED or 0; the M-step reads all slots and updates every class present in the batches).
+    cfg.MODEL.GMM.MEMORY_INIT = "empty"
     cfg.MODEL.GMM.UPDATE_INTERVAL = 5  # run the M-step every this many iterations
     cfg.MODEL.GMM.MEAN_MOMENTUM = 0.999  # mean <- m * mean + (1 - m) * new mean
     cfg.MODEL.GMM.COV_MOMENTUM = 0.0  # std <- m * std + (1 - m) * new std (0: replace)
@@ -160,17 +171,20 @@ def validate_gmmseg_config(cfg: CN) -> None:
     _check(
         cfg.SOLVER.OPTIMIZER in ("SGD", "ADAMW"), "SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, "'SGD' or 'ADAMW'"
     )
-    _check(
-        cfg.SOLVER.BACKBONE_MULTIPLIER >= 0,
-        "SOLVER.BACKBONE_MULTIPLIER",
-        cfg.SOLVER.BACKBONE_MULTIPLIER,
-        "a number >= 0",
-    )
+    for multiplier in ("BACKBONE_MULTIPLIER", "HEAD_MULTIPLIER"):
+        value = getattr(cfg.SOLVER, multiplier)
+        _check(value >= 0, f"SOLVER.{multiplier}", value, "a number >= 0")
     _check(
         cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE in ("value", "norm", "full_model"),
         "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
         cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE,
         "'value', 'norm' or 'full_model'",
+    )
+    _check(
+        cfg.DATALOADER.SAMPLER_TRAIN in TRAIN_SAMPLERS,
+        "DATALOADER.SAMPLER_TRAIN",
+        cfg.DATALOADER.SAMPLER_TRAIN,
+        " or ".join(repr(s) for s in TRAIN_SAMPLERS),
     )
     _validate_gmm(cfg.MODEL.GMM)
     _validate_test(cfg.TEST)
@@ -224,6 +238,13 @@ def _validate_gmm(gmm: CN) -> None:
         positive_int(name)
     choice("MEMORY_SAMPLING", ("uniform", "random"))
     choice("MEMORY_DTYPE", ("float32", "float16"))
+    choice("MEMORY_INIT", ("empty", "random"))
+    _check(
+        gmm.MEMORY_INIT == "empty" or gmm.MEMORY_CAPACITY > 0,
+        "MODEL.GMM.MEMORY_INIT",
+        gmm.MEMORY_INIT,
+        "'empty' with MODEL.GMM.MEMORY_CAPACITY 0 (no memory: nothing to start full of random vectors)",
+    )
     choice("E_STEP", ("sinkhorn", "vanilla"))
     choice("CLASS_SCORE", ("wta", "mixture"))
     choice("LOGIT_NORM", ("layernorm", "none"))
@@ -280,10 +301,10 @@ def _validate_mask_former(cfg: CN) -> None:
         mf.NO_OBJECT_WEIGHT >= 0, "MODEL.MASK_FORMER.NO_OBJECT_WEIGHT", mf.NO_OBJECT_WEIGHT, "a number >= 0"
     )
     _check(
-        "mahalanobis" not in cfg.TEST.ANOMALY_SCORES and not cfg.TEST.MAHALANOBIS_STATS,
+        not {"mahalanobis", "gmm_fullres"} & set(cfg.TEST.ANOMALY_SCORES) and not cfg.TEST.MAHALANOBIS_STATS,
         "TEST.ANOMALY_SCORES",
         list(cfg.TEST.ANOMALY_SCORES),
-        "no 'mahalanobis' (a per-pixel softmax-head score) for mask-classification models",
+        "no 'mahalanobis' or 'gmm_fullres' (per-pixel head scores) for mask-classification models",
     )
 
 

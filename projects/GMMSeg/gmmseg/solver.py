@@ -37,7 +37,9 @@ EMBEDDING_PARAMETER_NAMES = ("relative_position_bias_table", "absolute_pos_embed
 
 def optimizer_param_groups(cfg: CfgNode, model: torch.nn.Module) -> list[dict[str, Any]]:
     """Parameter groups with per-group ``lr`` and ``weight_decay``: ``SOLVER.BACKBONE_MULTIPLIER`` times
-    the base rate for parameters under ``backbone``, ``SOLVER.WEIGHT_DECAY_NORM`` for normalisation layers,
+    the base rate for parameters under ``backbone``, ``SOLVER.HEAD_MULTIPLIER`` times it for the semantic
+    segmentation head (``sem_seg_head``: the GMMSeg authors train their decode head, projection and
+    LayerNorms included, at 10x), ``SOLVER.WEIGHT_DECAY_NORM`` for normalisation layers,
     ``SOLVER.WEIGHT_DECAY_EMBED`` for embeddings, ``SOLVER.WEIGHT_DECAY`` otherwise."""
     solver = cfg.SOLVER
     norm_types = (
@@ -56,6 +58,8 @@ def optimizer_param_groups(cfg: CfgNode, model: torch.nn.Module) -> list[dict[st
             lr = solver.BASE_LR
             if module_name == "backbone" or module_name.startswith(("backbone.", "module.backbone")):
                 lr = lr * solver.BACKBONE_MULTIPLIER
+            elif module_name == "sem_seg_head" or module_name.startswith(("sem_seg_head.", "module.sem_seg_head")):
+                lr = lr * solver.HEAD_MULTIPLIER
             weight_decay = solver.WEIGHT_DECAY
             if isinstance(module, norm_types):
                 weight_decay = solver.WEIGHT_DECAY_NORM

@@ -45,6 +45,11 @@ class GMMEMHook(HookBase):
 
     ``capacity=0`` runs without a memory (the paper's "memory 0" ablation): the queues keep only what the
     steps since the previous M-step added, and are emptied after each M-step.
+
+    ``memory_init="random"`` reproduces the reference instead, so the difference can be measured: every
+    queue starts full of random unit vectors (``FeatureMemory.fill_random``, drawn from a CPU generator
+    seeded ``seed``, hence identical on every process), the M-step reads all slots, and it updates every
+    class present among the labelled pixels since the last M-step, whether or not any were enqueued.
     """
 
     def __init__(
@@ -59,8 +64,15 @@ class GMMEMHook(HookBase):
         mean_momentum: float = 0.999,
         cov_momentum: float = 0.0,
         var_floor: float = 0.01,
+        memory_init: str = "empty",
+        seed: int = 0,
     ) -> None:
+        if memory_init not in ("empty", "random"):
+            raise ValueError(f"memory_init must be 'empty' or 'random', got {memory_init!r}")
+        if memory_init == "random" and capacity == 0:
+            raise ValueError("memory_init='random' needs a memory (capacity > 0)")
         self.predictor = predictor
+        self.memory_init = memory_init
         self.interval = interval
         # capacity 0: no memory across M-steps; the queues hold what the steps since the last one added
         self.batch_only = capacity == 0
@@ -80,12 +92,18 @@ class GMMEMHook(HookBase):
             dtype=memory_dtype,
             device=device,
         )
-        # classes with enqueued features since the last M-step: only they are updated
+        if memory_init == "random":
+            # a resumed run overwrites this with the checkpoint's memory (load_state_dict)
+            self.memory.fill_random(torch.Generator(device="cpu").manual_seed(seed))
+        # classes to update at the next M-step: those enqueued since the last one ("empty"), or those
+        # present among the labelled pixels since the last one ("random", as the reference)
         self.seen = torch.zeros(predictor.num_classes, dtype=torch.bool, device=device)
         self._generator = torch.Generator(device="cpu").manual_seed(0) if sampling == "random" else None
 
     @classmethod
     def from_config(cls, cfg: CfgNode, predictor: GMMPredictorBase) -> GMMEMHook:
+        """The hook for ``cfg.MODEL.GMM``; a random initial memory is seeded by ``cfg.SEED``, or by 0 when
+        ``SEED < 0`` (a fixed seed, so that every process draws the same memory without communicating)."""
         gmm = cfg.MODEL.GMM
         return cls(
             predictor,
@@ -97,6 +115,8 @@ class GMMEMHook(HookBase):
             mean_momentum=gmm.MEAN_MOMENTUM,
             cov_momentum=gmm.COV_MOMENTUM,
             var_floor=gmm.VAR_FLOOR,
+            memory_init=gmm.MEMORY_INIT,
+            seed=cfg.SEED if cfg.SEED >= 0 else 0,
         )
 
     def after_step(self) -> None:
@@ -126,22 +146,26 @@ class GMMEMHook(HookBase):
 
         The pixels of all processes are gathered first and the E-step runs on the whole batch, so every
         process computes the same assignments and memory, equal to a single process seeing the global
-        batch. Returns (features written, classes enqueued this step).
+        batch. Returns (features written, classes marked for the next M-step by this step: those
+        enqueued, or with ``memory_init="random"`` those present among the labelled pixels).
         """
         embeddings, labels, correct = gather_from_all_processes(embeddings, labels, correct.to(torch.uint8))
         _, assignment = self.predictor.e_step(self.predictor.gmm.component_log_prob(embeddings), labels)
         if self.predictor.enqueue_correct_only:
             assignment = torch.where(correct.bool(), assignment, torch.full_like(assignment, -1))
         written = self.memory.enqueue(embeddings, labels, assignment, gather=False, generator=self._generator)
-        enqueued = torch.zeros_like(self.seen)
-        enqueued[labels[assignment >= 0]] = True
-        self.seen |= enqueued
-        return written, int(enqueued.sum())
+        marked = torch.zeros_like(self.seen)
+        if self.memory_init == "random":
+            marked[labels[(labels >= 0) & (labels < marked.numel())].long()] = True
+        else:
+            marked[labels[assignment >= 0]] = True
+        self.seen |= marked
+        return written, int(marked.sum())
 
     @torch.no_grad()
     def _m_step(self) -> float:
-        """Update the mixtures of the classes seen since the last M-step; returns the mean shift of their
-        means (average L2 distance), for monitoring."""
+        """Update the mixtures of the classes marked since the last M-step (``seen``); returns the mean
+        shift of their means (average L2 distance), for monitoring."""
         gmm = self.predictor.gmm
         old_means, old_stds = gmm.means.clone(), gmm.stds.clone()
         if not bool(self.seen.any()):

@@ -24,6 +24,8 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gmmseg.config import RESUMABLE_TRAIN_SAMPLERS
+from gmmseg.data.class_balanced_sampler import ClassBalancedTrainingSampler, class_image_index_for_datasets
 from gmmseg.data.dataset_mapper import SemanticDatasetMapper
 from gmmseg.evaluation.sem_seg import SemSegEvaluator
 from gmmseg.solver import build_lr_scheduler, build_optimizer
@@ -118,17 +120,31 @@ class GMMSegTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg: CfgNode, start_iter: int = 0):
         """The training loader; ``start_iter`` > 0 skips the batches of the iterations already done.
 
+        ``DATALOADER.SAMPLER_TRAIN``: "TrainingSampler" (shuffled epochs) or "ClassBalancedSampler" (the
+        authors' class-balanced draws); other names go to Detectron2's own loader (not resumable).
         With ``SEED >= 0`` the sample order depends only on the seed, so a resumed run continues the
         same stream (exact for datasets of one aspect ratio, like DigitScapes; with aspect-ratio grouping
         of mixed sizes, batch composition may differ slightly).
         """
         mapper = SemanticDatasetMapper(cfg, is_train=True)
-        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        sampler_name = cfg.DATALOADER.SAMPLER_TRAIN
+        if sampler_name not in RESUMABLE_TRAIN_SAMPLERS:
             return build_detection_train_loader(cfg, mapper=mapper)
-        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         skip = start_iter * cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        sampler = ResumableTrainingSampler(len(dataset), seed=seed, skip=skip)
+        if sampler_name == "ClassBalancedSampler":
+            dataset, index = class_image_index_for_datasets(
+                cfg.DATASETS.TRAIN, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+            )
+            sampler = ClassBalancedTrainingSampler(index, seed=seed, skip=skip)
+            logging.getLogger(__name__).info(
+                "Using training sampler ClassBalancedSampler: %d classes present in %d images",
+                len(sampler.classes),
+                len(dataset),
+            )
+        else:
+            dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+            sampler = ResumableTrainingSampler(len(dataset), seed=seed, skip=skip)
         loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
         # A DataLoader draws its workers' base seed from the global torch generator when its iterator
         # starts (lazily, inside the first training step); a dedicated generator keeps dropout & co. on

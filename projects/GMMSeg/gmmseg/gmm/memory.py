@@ -3,7 +3,8 @@
 Differences from the GMMSeg reference (which keeps ``queue`` (C*K, D, capacity) filled with random vectors
 at start and always reads the whole capacity):
 
-- fill counts are tracked and only real features are ever used; slots at or beyond ``count`` stay zero;
+- fill counts are tracked and only real features are ever used; slots at or beyond ``count`` stay zero
+  (``fill_random`` gives the reference's start instead: every slot a random unit vector, all counted);
 - ``enqueue`` writes a whole batch (all classes and components) without Python loops over queues;
 - running float64 sums of the stored features and of their squares are kept up to date on every write
   (the overwritten features are subtracted), so the M-step reads O(C*K*D) statistics instead of the whole
@@ -21,6 +22,7 @@ from typing import Callable, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["FeatureMemory", "gather_from_all_processes", "linspace_indices"]
@@ -142,9 +144,34 @@ class FeatureMemory(nn.Module):
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Empty every queue."""
+        """Empty every queue (also undoes ``fill_random``)."""
         for buf in (self.features, self.ptr, self.count, self.sums, self.sq_sums):
             buf.zero_()
+
+    @torch.no_grad()
+    def fill_random(self, generator: torch.Generator | None = None, max_chunk_bytes: int = 1 << 26) -> None:
+        """Start as the reference does: every slot of every queue a random unit vector, all of them counted.
+
+        The reference's queue is ``normalize(torch.randn(C*K, D, capacity), dim=1)``; we draw the same
+        layout from ``generator`` (a CPU generator; default: a new one seeded 0) in consecutive blocks of
+        queues (one block, i.e. the reference's exact call, up to ``max_chunk_bytes`` of float32), so the
+        result depends only on the seed and the shape, never on the buffer's device, and the CPU peak stays
+        one block. ``count = capacity`` and ``ptr = 0``: the M-step reads every slot, random or real, and
+        real features displace the random ones oldest first from slot 0, as the reference's pointer does.
+        """
+        gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
+        if gen.device.type != "cpu":
+            raise ValueError("fill_random needs a CPU generator (device-independent results)")
+        num_q, cap, dim = self.num_classes * self.num_components, self.capacity, self.dim
+        flat = self.features.view(num_q, cap, dim)
+        step = max(1, max_chunk_bytes // (cap * dim * 4))
+        for q0 in range(0, num_q, step):  # blocks of queues bound the CPU temporaries
+            q1 = min(num_q, q0 + step)
+            block = F.normalize(torch.randn(q1 - q0, dim, cap, generator=gen), dim=1)
+            flat[q0:q1] = block.transpose(1, 2).to(device=flat.device, dtype=flat.dtype)
+        self.count.fill_(cap)
+        self.ptr.zero_()
+        self.recompute_statistics()
 
     def queue(self, class_id: int, component: int) -> Tensor:
         """Stored features of one queue, oldest first: ``(count, D)``."""

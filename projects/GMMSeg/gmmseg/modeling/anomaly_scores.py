@@ -1,6 +1,9 @@
 """Per-pixel anomaly scores (higher = more anomalous) for GMMSeg and for softmax models.
 
-GMMSeg's own score is ``-max_c log p(x|c)`` from its generative class likelihoods. For softmax models the
+GMMSeg's own score (``gmm``) is ``-max_c log p(x|c)`` from its generative class likelihoods, scored on the
+head's grid (stride 4) and upsampled, as the paper; ``gmm_fullres`` scores every input pixel instead, on the
+embeddings upsampled and put back on the unit sphere (``GMMPredictor.fullres_anomaly_map``; per-pixel GMM
+heads only, computed only when asked). For softmax models the
 usual post-hoc scores are computed from the same forward pass, so all models are compared on exactly the
 same pixels: maximum softmax probability (``msp``: ``-max_c p(c|x)``), entropy of the posterior, max
 logit (``-max_c f_c(x)``), energy (``-logsumexp_c f_c(x)``, Liu et al. 2020) and the Mahalanobis distance
@@ -14,10 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOGIT_SCORES", "SCORE_NAMES", "logit_scores", "mahalanobis_score", "MahalanobisStats"]
+__all__ = [
+    "GMM_SCORES",
+    "LOGIT_SCORES",
+    "SCORE_NAMES",
+    "MahalanobisStats",
+    "logit_scores",
+    "mahalanobis_score",
+]
 
 LOGIT_SCORES = ("msp", "entropy", "max_logit", "energy")
-SCORE_NAMES = ("gmm", *LOGIT_SCORES, "mahalanobis")
+GMM_SCORES = ("gmm", "gmm_fullres")
+SCORE_NAMES = (*GMM_SCORES, *LOGIT_SCORES, "mahalanobis")
 
 
 def logit_scores(logits: Tensor, names: tuple[str, ...] | list[str] = LOGIT_SCORES) -> dict[str, Tensor]:

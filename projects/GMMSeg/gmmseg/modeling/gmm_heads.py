@@ -5,7 +5,10 @@
 ``GMMPredictor``, so a config that switches ``MODEL.SEM_SEG_HEAD.NAME`` turns a softmax model into GMMSeg.
 
 Inference returns ``({"logits": (N, C, H, W), "anomaly": (N, H, W)}, {})`` at the padded input resolution;
-``PosteriorSemanticSegmentor`` turns it into ``sem_seg`` posteriors and an ``anomaly`` map per image.
+``PosteriorSemanticSegmentor`` turns it into ``sem_seg`` posteriors and an ``anomaly`` map per image. Called
+with ``fullres_anomaly=True`` (the ``gmm_fullres`` score) the dict also holds ``"anomaly_fullres"``
+(N, H, W): ``-max_c log p(x|c)`` scored per input pixel on the upsampled, re-normalised embeddings
+(``GMMPredictor.fullres_anomaly_map``) rather than scored at stride ``common_stride`` and upsampled.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from .gmm_predictor import GMMPredictor
 __all__ = ["GMMDeepLabV3PlusHead", "GMMSemSegFPNHead"]
 
 
-def _gmm_head_outputs(head: nn.Module, decoder_features: Tensor, targets: Tensor | None):
+def _gmm_head_outputs(
+    head: nn.Module, decoder_features: Tensor, targets: Tensor | None, fullres_anomaly: bool = False
+):
     """Shared forward of the GMM heads, given the decoder's (N, C_dec, H/s, W/s) features."""
     outputs = head.gmm_predictor(decoder_features)
     logits = F.interpolate(
@@ -38,7 +43,12 @@ def _gmm_head_outputs(head: nn.Module, decoder_features: Tensor, targets: Tensor
     anomaly = F.interpolate(anomaly, scale_factor=head.common_stride, mode="bilinear", align_corners=False)[
         :, 0
     ]
-    return {"logits": logits, "anomaly": anomaly}, {}
+    maps = {"logits": logits, "anomaly": anomaly}
+    if fullres_anomaly:  # only when asked: it scores H x W pixels instead of H/s x W/s
+        maps["anomaly_fullres"] = head.gmm_predictor.fullres_anomaly_map(
+            outputs["embeddings"], tuple(logits.shape[-2:])
+        )
+    return maps, {}
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -59,8 +69,10 @@ class GMMDeepLabV3PlusHead(DeepLabV3PlusHead):
         )
         return ret
 
-    def forward(self, features: dict[str, Tensor], targets: Tensor | None = None):
-        return _gmm_head_outputs(self, self.layers(features), targets)
+    def forward(
+        self, features: dict[str, Tensor], targets: Tensor | None = None, *, fullres_anomaly: bool = False
+    ):
+        return _gmm_head_outputs(self, self.layers(features), targets, fullres_anomaly)
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -79,5 +91,7 @@ class GMMSemSegFPNHead(SemSegFPNHead):
         ret["gmm_predictor"] = GMMPredictor.from_config(cfg, in_channels=ret["conv_dims"])
         return ret
 
-    def forward(self, features: dict[str, Tensor], targets: Tensor | None = None):
-        return _gmm_head_outputs(self, self.layers(features), targets)
+    def forward(
+        self, features: dict[str, Tensor], targets: Tensor | None = None, *, fullres_anomaly: bool = False
+    ):
+        return _gmm_head_outputs(self, self.layers(features), targets, fullres_anomaly)

@@ -231,6 +231,58 @@ class GMMPredictor(GMMPredictorBase):
         normalisation across classes)."""
         return -outputs["class_log_prob"].amax(dim=-1)
 
+    @torch.no_grad()
+    def fullres_class_log_prob(
+        self,
+        embeddings: Tensor,
+        size: tuple[int, int],
+        *,
+        max_over_classes: bool = False,
+        max_elements: int = 1 << 23,
+    ) -> Tensor:
+        """Class scores ``log p(x|c)`` (N, H, W, C) of the (N, h, w, D) embeddings carried to ``size`` =
+        (H, W); with ``max_over_classes`` only ``max_c log p(x|c)`` (N, H, W).
+
+        Each output pixel's embedding is the bilinear interpolation (``align_corners=False``, as the
+        logits' upsampling) of its four grid neighbours, put back on the unit sphere: a convex
+        combination of unit vectors is shorter than 1 (between two embeddings at angle t, by cos(t/2)
+        midway), and the mixtures were fitted to unit vectors only, so an unnormalised blend would look
+        unlikely merely for lying on a class boundary. The pixels are scored in bands of output rows of
+        about ``max_elements`` values each, so memory does not grow with H x W x (D + C x K).
+        """
+        n, h, w, d = embeddings.shape
+        height, width = int(size[0]), int(size[1])
+        device = embeddings.device
+
+        def source(out_len: int, in_len: int) -> tuple[Tensor, Tensor, Tensor]:
+            # PyTorch's bilinear source index: (i + 0.5) * in / out - 0.5, clamped at 0
+            pos = ((torch.arange(out_len, device=device) + 0.5) * (in_len / out_len) - 0.5).clamp_min(0)
+            low = pos.floor().long().clamp_max(in_len - 1)
+            return low, (low + 1).clamp_max(in_len - 1), (pos - low).to(embeddings.dtype)
+
+        y0, y1, wy = source(height, h)
+        x0, x1, wx = source(width, w)
+        wx = wx[:, None]
+        classes = self.num_classes
+        per_row = n * width * (3 * d + classes * self.num_components)
+        rows = max(1, max_elements // max(per_row, 1))
+        out = embeddings.new_empty((n, height, width) if max_over_classes else (n, height, width, classes))
+        for start in range(0, height, rows):
+            band = slice(start, start + rows)
+            top, bottom = embeddings[:, y0[band]], embeddings[:, y1[band]]  # (N, R, w, D)
+            top = top[:, :, x0] * (1 - wx) + top[:, :, x1] * wx  # (N, R, W, D)
+            bottom = bottom[:, :, x0] * (1 - wx) + bottom[:, :, x1] * wx
+            wy_band = wy[band][None, :, None, None]
+            x = F.normalize(top * (1 - wy_band) + bottom * wy_band, dim=-1)
+            scores = self.gmm.class_log_prob(x)
+            out[:, band] = scores.amax(dim=-1) if max_over_classes else scores
+        return out
+
+    def fullres_anomaly_map(self, embeddings: Tensor, size: tuple[int, int]) -> Tensor:
+        """(N, H, W) ``-max_c log p(x|c)`` scored at each pixel of ``size`` (``fullres_class_log_prob``),
+        instead of scored on the embeddings' grid and then upsampled (``anomaly_map``)."""
+        return -self.fullres_class_log_prob(embeddings, size, max_over_classes=True)
+
     def losses(self, outputs: dict[str, Tensor], targets: Tensor, logits_full: Tensor) -> dict[str, Tensor]:
         """Cross-entropy of the posteriors at label resolution (``logits_full``, already upsampled by the
         head), plus the component loss at feature resolution; stores the EM batch for the hook.

@@ -9,7 +9,9 @@ contract. Per image, at the input's original resolution:
 - ``anomaly``: (H, W) ``-max_c log p(x|c)`` (GMM heads only);
 - ``anomaly_scores``: {name: (H, W)} the scores named by ``TEST.ANOMALY_SCORES`` (default: ``gmm`` for
   GMM heads; ``msp``, ``entropy``, ``max_logit``, ``energy`` and, with ``TEST.MAHALANOBIS_STATS``,
-  ``mahalanobis`` for softmax heads), all from the same forward pass.
+  ``mahalanobis`` for softmax heads), all from the same forward pass. ``gmm_fullres`` (per-pixel GMM heads,
+  only when named) scores each input pixel's upsampled, re-normalised embedding instead of upsampling the
+  scores of the head's grid.
 
 With ``TEST.POSTHOC_GMM`` (``tools/fit_posthoc_gmm.py``) a softmax model's classifier is replaced by GMMs
 fitted to its penultimate features after training: posteriors and the ``gmm`` score come from them.
@@ -28,6 +30,7 @@ from detectron2.structures import ImageList
 from torch import Tensor
 
 from .anomaly_scores import LOGIT_SCORES, SCORE_NAMES, MahalanobisStats, logit_scores, mahalanobis_score
+from .gmm_predictor import GMMPredictor
 from .posthoc import PosthocGMM
 
 __all__ = ["PosteriorSemanticSegmentor"]
@@ -63,6 +66,16 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
                 "the 'mahalanobis' score needs TEST.MAHALANOBIS_STATS (tools/fit_mahalanobis.py)"
             )
         self.anomaly_score_names = tuple(anomaly_scores)
+        # the head scores full-resolution pixels only when asked (H x W x C x K log-likelihoods)
+        self.fullres_anomaly = "gmm_fullres" in anomaly_scores
+        if self.fullres_anomaly and (
+            posthoc_gmm is not None
+            or not isinstance(getattr(self.sem_seg_head, "gmm_predictor", None), GMMPredictor)
+        ):
+            raise ValueError(
+                "the 'gmm_fullres' anomaly score needs a per-pixel GMM head (GMMDeepLabV3PlusHead, "
+                "GMMSemSegFPNHead)"
+            )
         # images are padded to a multiple of this (mask-classification models need more than the backbone)
         self.size_divisibility = self.backbone.size_divisibility
         self.mahalanobis_stats = mahalanobis_stats
@@ -114,6 +127,8 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
                 if not is_gmm:
                     raise ValueError("the 'gmm' anomaly score needs a GMM head")
                 scores["gmm"] = out["anomaly"]
+            if "gmm_fullres" in names:
+                scores["gmm_fullres"] = out["anomaly_fullres"]
             if "mahalanobis" in names:
                 scores["mahalanobis"] = out["mahalanobis"]
             result["anomaly_scores"] = {n: scores[n] for n in names}
@@ -122,8 +137,9 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
 
     @torch.no_grad()
     def inference_outputs(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Tensor]]:
-        """Per image ``{"logits": (C, H, W)[, "anomaly": (H, W)][, "mahalanobis": (H, W)]}`` at the
-        input's original resolution (the logits also serve post-hoc scores such as max logit)."""
+        """Per image ``{"logits": (C, H, W)[, "anomaly": (H, W)][, "anomaly_fullres": (H, W)]
+        [, "mahalanobis": (H, W)]}`` at the input's original resolution (the logits also serve post-hoc
+        scores such as max logit)."""
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         if self.sliding_window is None:
             padded = ImageList.from_tensors(images, self.size_divisibility)
@@ -146,7 +162,11 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
     def _window_maps(self, images: Tensor) -> dict[str, Tensor]:
         """Backbone + head on a normalised (N, 3, h, w) batch: logits (N, C, h, w) and, where available,
         anomaly and Mahalanobis maps (N, h, w), all at the batch's resolution."""
-        head_out, _ = self.sem_seg_head(self.backbone(images))
+        backbone_features = self.backbone(images)
+        if self.fullres_anomaly:
+            head_out, _ = self.sem_seg_head(backbone_features, fullres_anomaly=True)
+        else:
+            head_out, _ = self.sem_seg_head(backbone_features)
         maps = dict(head_out) if isinstance(head_out, dict) else {"logits": head_out}
         if self.mahalanobis_stats is None and self.posthoc_gmm is None:
             return maps

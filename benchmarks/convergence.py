@@ -1,0 +1,155 @@
+"""Has the main job converged? Both heads trained for the main job's schedule T and for 2T.
+
+The criterion of the fair comparison: doubling the schedule moves neither model's val mIoU by more than
+``--tolerance`` (1 point). The T runs are the benchmark's ``softmax`` and ``gmmseg`` runs (shared with
+``digitscapes.py`` in the same ``--output``); the 2T runs evaluate every ``--eval-period`` iterations, so the
+plot shows val mIoU against iterations for both heads, with the T runs' final values as markers.
+
+Writes ``OUTPUT/<name>.md`` (the table), ``.json`` and ``.png`` (the curves).
+
+Usage: ``python benchmarks/convergence.py [--factor 2] [--eval-period N]
+[--output output/benchmark_digitscapes] [--name convergence] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by path
+import digitscapes as bench  # noqa: E402
+from runs import Progress, run_training  # noqa: E402
+
+
+def curve(run: Path) -> list[tuple[int, float]]:
+    """(iteration, val mIoU) of every evaluation in a run's ``metrics.json``."""
+    points = []
+    for line in (run / "metrics.json").read_text().splitlines():
+        record = json.loads(line)
+        for key in ("digitscapes_val/sem_seg/mIoU", "sem_seg/mIoU"):
+            if key in record:
+                points.append((int(record["iteration"]) + 1, float(record[key])))
+                break
+    return points
+
+
+def converged(final_t: float, final_2t: float, tolerance: float) -> bool:
+    """Doubling the schedule moved val mIoU by at most ``tolerance`` points."""
+    return abs(final_2t - final_t) <= tolerance
+
+
+def plot(
+    curves: dict[str, list[tuple[int, float]]], finals: dict[str, tuple[int, float]], path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = {"softmax": "tab:gray", "gmmseg": "tab:blue"}
+    for name, points in curves.items():
+        xs, ys = zip(*points) if points else ((), ())
+        ax.plot(xs, ys, marker=".", color=colors[name], label=f"{name}, 2T schedule (periodic evaluation)")
+        it, miou = finals[name]
+        ax.plot(
+            [it], [miou], marker="*", markersize=12, color=colors[name], ls="none", label=f"{name}, T run"
+        )
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val mIoU (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--factor", type=int, default=2, help="the long schedule is this many times T")
+    parser.add_argument("--eval-period", type=int, default=None, help="default: T / 4")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="mIoU points")
+    parser.add_argument("--output", default=str(bench.REPO / "output" / "benchmark_digitscapes"))
+    parser.add_argument("--name", default="convergence")
+    parser.add_argument("--quick", action="store_true", help="a few iterations on a tiny dataset")
+    args = parser.parse_args(argv)
+    root = Path(args.output)
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GMMSEG_BENCH_FLAGS": "--quick" if args.quick else ""}
+    if args.quick:
+        from gmmseg.data.digitscapes import generate_digitscapes
+
+        datasets = Path(tempfile.mkdtemp(prefix="digitscapes-quick-"))
+        generate_digitscapes(
+            str(datasets), seed=0, image_size=64, counts={"train": 8, "val": 4, "anomaly_val": 4}
+        )
+        env["DETECTRON2_DATASETS"] = str(datasets)
+    else:
+        env.setdefault("DETECTRON2_DATASETS", str(bench.REPO / "datasets"))
+    short = 4 if args.quick else bench.config_iters(bench.GMMSEG)
+    long = short * args.factor
+    period = args.eval_period or max(1, short // 4)
+    progress = Progress(short * 2 + long * 2)
+    start = time.time()
+    rows, curves, finals = [], {}, {}
+    try:
+        for name in bench.HEADLINE:
+            opts = bench.schedule_overrides(short if args.quick else None, args.quick)
+            metrics = bench.run_variant(name, root, opts, env, progress, short)
+            config, extra, description = bench.VARIANTS[name]
+            long_opts = bench.schedule_overrides(long, args.quick) + ["TEST.EVAL_PERIOD", str(period)]
+            out = root / f"{name}_x{args.factor}"
+            long_metrics = run_training(
+                f"{name}_x{args.factor}", config, [*long_opts, *extra], out, env, progress, long
+            )
+            t, t2 = (m["digitscapes_val"]["sem_seg"]["mIoU"] for m in (metrics, long_metrics))
+            curves[name] = curve(out)
+            finals[name] = (short, t)
+            rows.append(
+                {
+                    "variant": name,
+                    "description": description,
+                    "iters": short,
+                    "mIoU": t,
+                    "long_iters": long,
+                    "long_mIoU": t2,
+                    "difference": t2 - t,
+                    "converged": converged(t, t2, args.tolerance),
+                    "curve": curves[name],
+                }
+            )
+    finally:
+        progress.close()
+    lines = [
+        f"### Convergence: val mIoU after T = {short} and {args.factor}T = {long} iterations "
+        f"(converged: moved by at most {args.tolerance:g} point{'s' if args.tolerance != 1 else ''})",
+        "",
+        f"| model | mIoU at {short} | mIoU at {long} | difference | converged |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['description']} | {r['mIoU']:.2f} | {r['long_mIoU']:.2f} | {r['difference']:+.2f} | "
+            f"{'yes' if r['converged'] else 'no'} |"
+        )
+    table = "\n".join(lines) + "\n"
+    files = {ext: root / f"{args.name}.{ext}" for ext in ("md", "json", "png")}
+    files["md"].write_text(table)
+    files["json"].write_text(
+        json.dumps({"factor": args.factor, "eval_period": period, "rows": rows}, indent=2)
+    )
+    plot(curves, finals, files["png"])
+    print(table)
+    print(f"wrote {', '.join(str(p) for p in files.values())} in {time.time() - start:,.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Resumable training runs for the DigitScapes benchmarks (``digitscapes.py``, ``convergence.py``).
+
+A run is ``train_net.py --config-file CONFIG *opts OUTPUT_DIR <dir>``. It is skipped when ``<dir>/done.json``
+holds the same settings key (config text + overrides), and continued with ``--resume`` from its last
+checkpoint when it was interrupted. One progress bar covers all runs of an invocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ITER_RE = re.compile(r"\biter: (\d+)\b")
+
+__all__ = ["REPO", "Progress", "last_iteration", "run_logged", "run_training", "settings_key"]
+
+
+def settings_key(name: str, config: Path, opts: list[str]) -> str:
+    """Identifies a run's settings: a finished run is reused only for the same settings."""
+    text = json.dumps([name, config.read_text(), opts])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Progress:
+    """One bar over all runs' iterations, with the time left estimated from the measured pace."""
+
+    def __init__(self, total_iters: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_iters, unit="it", dynamic_ncols=True, smoothing=0.05)
+
+    def describe(self, text: str) -> None:
+        self.bar.set_description(text)
+
+    def advance(self, n: int) -> None:
+        self.bar.update(n)
+
+    def skip(self, n: int) -> None:
+        """Iterations that will not run (finished or resumed runs): off the total, so that the pace and
+        the time left are estimated from iterations trained in this invocation only."""
+        self.bar.total -= n
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_logged(cmd: list[str], log_path: Path, env: dict, progress: Progress | None, start_iter: int) -> None:
+    """Run ``cmd``, writing its output to ``log_path`` and moving the bar with Detectron2's iteration logs."""
+    done = start_iter
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for line in proc.stdout:
+            log.write(line)
+            match = ITER_RE.search(line)
+            if match and progress is not None:
+                now = int(match.group(1)) + 1
+                progress.advance(max(0, now - done))
+                done = max(done, now)
+        if proc.wait() != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])} ... failed; see {log_path}")
+
+
+def last_iteration(out: Path) -> int:
+    """Iterations already done by an interrupted run (from its last checkpoint's name), else 0."""
+    marker = out / "last_checkpoint"
+    if not marker.is_file():
+        return 0
+    match = re.search(r"model_(\d+)\.pth", marker.read_text())
+    return int(match.group(1)) + 1 if match else 0
+
+
+def is_done(out: Path, key: str) -> bool:
+    done_file = out / "done.json"
+    return done_file.is_file() and json.loads(done_file.read_text()).get("key") == key
+
+
+def mark_done(out: Path, key: str) -> None:
+    (out / "done.json").write_text(json.dumps({"key": key, "time": time.time()}))
+
+
+def run_training(
+    name: str, config: Path, opts: list[str], out: Path, env: dict, progress: Progress | None, iters: int
+) -> dict:
+    """Train (or resume, or reuse) one run in ``out`` and return its ``inference/metrics.json``."""
+    key = settings_key(name, config, opts)
+    if is_done(out, key):
+        if progress is not None:
+            progress.skip(iters)
+        return json.loads((out / "inference" / "metrics.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    start = last_iteration(out)
+    if progress is not None:
+        progress.skip(start)
+    train = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(config)]
+    train += ["--resume"] if start > 0 else []
+    train += [*opts, "OUTPUT_DIR", str(out)]
+    run_logged(train, out / "log.txt", env, progress, start)
+    mark_done(out, key)
+    return json.loads((out / "inference" / "metrics.json").read_text())
