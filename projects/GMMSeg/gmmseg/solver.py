@@ -33,6 +33,7 @@ __all__ = ["WarmupPolyLR", "build_lr_scheduler", "build_optimizer", "optimizer_p
 
 # parameters that are embeddings although they are not in an nn.Embedding (Swin's position tables)
 EMBEDDING_PARAMETER_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+HEAD_PREFIXES = ("sem_seg_head.", "module.sem_seg_head")
 
 
 def optimizer_param_groups(cfg: CfgNode, model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -58,7 +59,7 @@ def optimizer_param_groups(cfg: CfgNode, model: torch.nn.Module) -> list[dict[st
             lr = solver.BASE_LR
             if module_name == "backbone" or module_name.startswith(("backbone.", "module.backbone")):
                 lr = lr * solver.BACKBONE_MULTIPLIER
-            elif module_name == "sem_seg_head" or module_name.startswith(("sem_seg_head.", "module.sem_seg_head")):
+            elif module_name == "sem_seg_head" or module_name.startswith(HEAD_PREFIXES):
                 lr = lr * solver.HEAD_MULTIPLIER
             weight_decay = solver.WEIGHT_DECAY
             if isinstance(module, norm_types):
