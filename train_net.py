@@ -11,6 +11,12 @@ python train_net.py --config-file ... SOLVER.MAX_ITER 100 MODEL.DEVICE cpu   # o
 
 from __future__ import annotations
 
+from gmmseg.reproducibility import pin_mkl_branch
+
+# first, before anything loads torch: MKL reads MKL_CBWR at its first call (gmmseg/reproducibility.py)
+pin_mkl_branch()
+# ruff: noqa: E402  (the imports below must follow pin_mkl_branch())
+
 import json
 import logging
 import os

@@ -31,6 +31,12 @@ writes ``anomaly_gap.md``, ``anomaly_gap.json`` and ``anomaly_gap.png`` (histogr
 
 from __future__ import annotations
 
+from gmmseg.reproducibility import pin_mkl_branch
+
+# first, before anything loads torch: MKL reads MKL_CBWR at its first call (gmmseg/reproducibility.py)
+pin_mkl_branch()
+# ruff: noqa: E402  (the imports below must follow pin_mkl_branch())
+
 import argparse
 import json
 import math

@@ -8,7 +8,9 @@ plot shows val mIoU against iterations for both heads, with the T runs' final va
 Writes ``OUTPUT/<name>.md`` (the table), ``.json`` and ``.png`` (the curves).
 
 Usage: ``python benchmarks/convergence.py [--factor 2] [--eval-period N]
-[--output output/benchmark_digitscapes] [--name convergence] [--quick]``.
+[--iters T] [--only softmax|gmmseg] [--output output/benchmark_digitscapes] [--name convergence] [--quick]``.
+``--only`` lets the two heads train in two processes at once; a last call without it, which reuses every
+finished run, writes the table for both.
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ import digitscapes as bench  # noqa: E402
 from runs import Progress, run_training  # noqa: E402
 
 
-def curve(run: Path) -> list[tuple[int, float]]:
-    """(iteration, val mIoU) of every evaluation in a run's ``metrics.json``."""
+def curve(run: Path, max_iter: int) -> list[tuple[int, float]]:
+    """(iterations done, val mIoU) of every evaluation in a run's ``metrics.json``.
+
+    A periodic evaluation after step ``i`` is logged at iteration ``i`` (``i + 1`` steps done); the final
+    one, in ``after_train``, at ``max_iter``. Detectron2 writes ``metrics.json`` every 20 iterations with the
+    latest value of each metric, so evaluations closer together than that keep only the last.
+    """
     points = []
     for line in (run / "metrics.json").read_text().splitlines():
         record = json.loads(line)
         for key in ("digitscapes_val/sem_seg/mIoU", "sem_seg/mIoU"):
             if key in record:
-                points.append((int(record["iteration"]) + 1, float(record[key])))
+                points.append((min(int(record["iteration"]) + 1, max_iter), float(record[key])))
                 break
     return points
 
@@ -74,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--factor", type=int, default=2, help="the long schedule is this many times T")
-    parser.add_argument("--eval-period", type=int, default=None, help="default: T / 4")
+    parser.add_argument("--iters", type=int, default=None, help="T (default: the main job's schedule)")
+    parser.add_argument("--eval-period", type=int, default=500, help="of the runs other than the main job's")
+    parser.add_argument("--only", nargs="+", choices=["softmax", "gmmseg"], default=None)
     parser.add_argument("--tolerance", type=float, default=1.0, help="mIoU points")
     parser.add_argument("--output", default=str(bench.REPO / "output" / "benchmark_digitscapes"))
     parser.add_argument("--name", default="convergence")
@@ -93,29 +102,36 @@ def main(argv: list[str] | None = None) -> int:
         env["DETECTRON2_DATASETS"] = str(datasets)
     else:
         env.setdefault("DETECTRON2_DATASETS", str(bench.REPO / "datasets"))
-    short = 4 if args.quick else bench.config_iters(bench.GMMSEG)
+    main_iters = 4 if args.quick else bench.config_iters(bench.GMMSEG)
+    short = args.iters or main_iters
     long = short * args.factor
-    period = args.eval_period or max(1, short // 4)
-    progress = Progress(short * 2 + long * 2)
+    names = [n for n in bench.HEADLINE if n in (args.only or bench.HEADLINE)]
+    progress = Progress((short + long) * len(names))
     start = time.time()
     rows, curves, finals = [], {}, {}
+
+    def train(name: str, iters: int) -> tuple[dict, Path]:
+        """The main job's own run (shared with digitscapes.py) at its schedule; otherwise a run evaluated
+        every ``--eval-period`` iterations (which does not change its training)."""
+        if iters == main_iters:
+            opts = bench.schedule_overrides(iters if args.quick else None, args.quick)
+            return bench.run_variant(name, root, opts, env, progress, iters), bench.run_dir(root, name, 0)
+        config, extra, _ = bench.VARIANTS[name]
+        opts = bench.schedule_overrides(iters, args.quick) + ["TEST.EVAL_PERIOD", str(args.eval_period)]
+        out = root / f"{name}_it{iters}"
+        return run_training(out.name, config, [*opts, *extra], out, env, progress, iters), out
+
     try:
-        for name in bench.HEADLINE:
-            opts = bench.schedule_overrides(short if args.quick else None, args.quick)
-            metrics = bench.run_variant(name, root, opts, env, progress, short)
-            config, extra, description = bench.VARIANTS[name]
-            long_opts = bench.schedule_overrides(long, args.quick) + ["TEST.EVAL_PERIOD", str(period)]
-            out = root / f"{name}_x{args.factor}"
-            long_metrics = run_training(
-                f"{name}_x{args.factor}", config, [*long_opts, *extra], out, env, progress, long
-            )
+        for name in names:
+            metrics, _ = train(name, short)
+            long_metrics, out = train(name, long)
             t, t2 = (m["digitscapes_val"]["sem_seg"]["mIoU"] for m in (metrics, long_metrics))
-            curves[name] = curve(out)
+            curves[name] = curve(out, long)
             finals[name] = (short, t)
             rows.append(
                 {
                     "variant": name,
-                    "description": description,
+                    "description": bench.VARIANTS[name][2],
                     "iters": short,
                     "mIoU": t,
                     "long_iters": long,
@@ -143,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     files = {ext: root / f"{args.name}.{ext}" for ext in ("md", "json", "png")}
     files["md"].write_text(table)
     files["json"].write_text(
-        json.dumps({"factor": args.factor, "eval_period": period, "rows": rows}, indent=2)
+        json.dumps({"factor": args.factor, "eval_period": args.eval_period, "rows": rows}, indent=2)
     )
     plot(curves, finals, files["png"])
     print(table)

@@ -22,6 +22,12 @@ Usage: ``python benchmarks/speed.py [--device cpu|cuda] [--quick] [--threads 2] 
 
 from __future__ import annotations
 
+from gmmseg.reproducibility import pin_mkl_branch
+
+# first, before anything loads torch: MKL reads MKL_CBWR at its first call (gmmseg/reproducibility.py)
+pin_mkl_branch()
+# ruff: noqa: E402  (the imports below must follow pin_mkl_branch())
+
 import argparse
 import functools
 import json

@@ -111,7 +111,10 @@ def test_digitscapes_benchmark_quick_over_seeds_reports_mean_and_spread(tmp_path
     assert row["mIoU"] == pytest.approx(sum(per_seed) / 2)
     assert row["mIoU_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5)
     table = (out / "s.md").read_text()
-    assert "seeds 0, 1: mean ± sample standard deviation" in table and f"{row['mIoU']:.2f} ± " in table
+    assert (
+        "seeds 0, 1 where given: mean ± sample standard deviation" in table
+        and f"{row['mIoU']:.2f} ± " in table
+    )
     assert (out / "s.png").stat().st_size > 0 and not (out / "results.md").exists()
 
 
@@ -196,6 +199,15 @@ def test_close_variants_get_more_seeds_when_within_three_seed_stds():
     assert not bench.needs_more_seeds({"mIoU": 40.0, "AUROC": None}, {"mIoU": 40.0})  # no spread known
 
 
+def test_close_seeds_plan_runs_every_variant_once_then_the_headline_pair_with_more_seeds():
+    bench = _load_digitscapes_benchmark()
+    plan = bench.first_pass(["softmax", "gmmseg", "gmmseg_K1"], [0, 1, 2], close_seeds=True)
+    assert plan == [("softmax", 0), ("gmmseg", 0), ("gmmseg_K1", 0)] + [
+        (n, s) for s in (1, 2) for n in ("softmax", "gmmseg")
+    ]
+    assert bench.first_pass(["gmmseg"], [0, 1], close_seeds=False) == [("gmmseg", 0), ("gmmseg", 1)]
+
+
 def test_convergence_reads_the_periodic_evaluations_and_applies_the_tolerance(tmp_path):
     import importlib.util
 
@@ -206,9 +218,10 @@ def test_convergence_reads_the_periodic_evaluations_and_applies_the_tolerance(tm
         {"iteration": 9, "total_loss": 1.0},
         {"iteration": 99, "digitscapes_val/sem_seg/mIoU": 20.5, "digitscapes_anomaly_val/sem_seg/mIoU": 1.0},
         {"iteration": 199, "sem_seg/mIoU": 30.25},
+        {"iteration": 300, "sem_seg/mIoU": 31.0},  # the final evaluation, in after_train
     ]
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    assert conv.curve(tmp_path) == [(100, 20.5), (200, 30.25)]
+    assert conv.curve(tmp_path, 300) == [(100, 20.5), (200, 30.25), (300, 31.0)]
     assert conv.converged(40.0, 40.9, 1.0) and conv.converged(40.0, 39.0, 1.0)
     assert not conv.converged(40.0, 41.2, 1.0)
 
@@ -222,6 +235,6 @@ def test_convergence_quick_trains_both_heads_twice_and_plots(tmp_path):
     assert [r["variant"] for r in report["rows"]] == ["softmax", "gmmseg"]
     for row in report["rows"]:
         assert (row["iters"], row["long_iters"]) == (4, 8)
-        assert [it for it, _ in row["curve"]] == [2, 4, 6, 8]  # evaluated every 2 iterations of 8
-        assert row["curve"][-1][1] == pytest.approx(row["long_mIoU"])
+        # metrics.json is written every 20 iterations: of evaluations 2 apart only the last is kept
+        assert row["curve"][-1] == [8, pytest.approx(row["long_mIoU"])]
     assert (out / "convergence.png").stat().st_size > 0
