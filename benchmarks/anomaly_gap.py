@@ -144,10 +144,11 @@ def collect(gmm: tuple, softmax: tuple, records: list[dict], width: int) -> dict
                 g_out, s_out = gmm_model([gmm_in])[0], sm_model([sm_in])[0]
                 emb = captured[0]  # (1, h, w, D) at the padded input size / stride
                 size = (emb.shape[1] * head.common_stride, emb.shape[2] * head.common_stride)
-                log_p = predictor.fullres_class_log_prob(emb, size)[0].permute(2, 0, 1)
-                log_p = sem_seg_postprocess(
-                    log_p, tuple(gmm_in["image"].shape[-2:]), gmm_in["height"], gmm_in["width"]
-                ).permute(1, 2, 0)
+                log_p_in = predictor.fullres_class_log_prob(emb, size)[0].permute(2, 0, 1)
+                shape = (tuple(gmm_in["image"].shape[-2:]), gmm_in["height"], gmm_in["width"])
+                # the model scores at its input size, then resizes the map to the image's (as this check)
+                fullres = sem_seg_postprocess(-log_p_in.max(0).values[None], *shape)[0].cpu().numpy()
+                log_p = sem_seg_postprocess(log_p_in, *shape).permute(1, 2, 0)
             ood = _read(record["ood_file_name"])
             label = _read(record["sem_seg_file_name"]).astype(np.int64)
             family_file = record.get("ood_family_file_name")
@@ -159,7 +160,7 @@ def collect(gmm: tuple, softmax: tuple, records: list[dict], width: int) -> dict
             lp = log_p.cpu().numpy()
             scores = {n: g_out["anomaly_scores"][n] for n in GMM_SCORES}
             scores.update({n: s_out["anomaly_scores"][n] for n in SOFTMAX_SCORES})
-            if not np.allclose(-lp.max(-1), scores["gmm_fullres"].cpu().numpy(), rtol=1e-4, atol=1e-3):
+            if not np.allclose(fullres, scores["gmm_fullres"].cpu().numpy(), rtol=1e-4, atol=1e-3):
                 raise RuntimeError("log p(x|c) from the captured embeddings disagrees with gmm_fullres")
             true = np.take_along_axis(lp, np.clip(cls, 0, None)[..., None], -1)[..., 0]
             row = {
