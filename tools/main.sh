@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 
 python3 tools/install.py
+job_start=$(date +%s)
 PY="${GMMSEG_VENV:-.venv}/bin/python"
 export DETECTRON2_DATASETS="${DETECTRON2_DATASETS:-datasets}"
 
@@ -49,4 +50,4 @@ fi
 
 echo
 "$PY" tools/summarize.py "$softmax" "$gmmseg"
-echo "[main] done in $(( $(date +%s) - start )) s"
+echo "[main] done in $(( $(date +%s) - start )) s ($(( $(date +%s) - job_start )) s after the set-up)"
