@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by path
 import digitscapes as bench  # noqa: E402
-from runs import Progress, run_training  # noqa: E402
+from runs import Progress, benchmark_env, run_training, write_results  # noqa: E402
 
 
 def curve(run: Path, max_iter: int) -> list[tuple[int, float]]:
@@ -91,17 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GMMSEG_BENCH_FLAGS": "--quick" if args.quick else ""}
-    if args.quick:
-        from gmmseg.data.digitscapes import generate_digitscapes
-
-        datasets = Path(tempfile.mkdtemp(prefix="digitscapes-quick-"))
-        generate_digitscapes(
-            str(datasets), seed=0, image_size=64, counts={"train": 8, "val": 4, "anomaly_val": 4}
-        )
-        env["DETECTRON2_DATASETS"] = str(datasets)
-    else:
-        env.setdefault("DETECTRON2_DATASETS", str(bench.REPO / "datasets"))
+    env = benchmark_env(args.quick)
     main_iters = 4 if args.quick else bench.config_iters(bench.GMMSEG)
     short = args.iters or main_iters
     long = short * args.factor
@@ -155,15 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['description']} | {r['mIoU']:.2f} | {r['long_mIoU']:.2f} | {r['difference']:+.2f} | "
             f"{'yes' if r['converged'] else 'no'} |"
         )
-    table = "\n".join(lines) + "\n"
-    files = {ext: root / f"{args.name}.{ext}" for ext in ("md", "json", "png")}
-    files["md"].write_text(table)
-    files["json"].write_text(
-        json.dumps({"factor": args.factor, "eval_period": args.eval_period, "rows": rows}, indent=2)
+    data = {"factor": args.factor, "eval_period": args.eval_period, "rows": rows}
+    write_results(
+        root, args.name, "\n".join(lines) + "\n", data, lambda path: plot(curves, finals, path), start
     )
-    plot(curves, finals, files["png"])
-    print(table)
-    print(f"wrote {', '.join(str(p) for p in files.values())} in {time.time() - start:,.0f} s")
     return 0
 
 

@@ -35,16 +35,23 @@ pin_mkl_branch()
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/runs.py, also when loaded by path
-from runs import REPO, Progress, is_done, mark_done, run_logged, run_training, settings_key
+from runs import (
+    REPO,
+    Progress,
+    benchmark_env,
+    is_done,
+    mark_done,
+    run_logged,
+    run_training,
+    settings_key,
+    write_results,
+)
 
 from gmmseg.evaluation.report import group_mean_iou
 
@@ -332,22 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
     iters = 4 if args.quick else args.iters
-    env = {**os.environ, "GMMSEG_BENCH_FLAGS": "--quick" if args.quick else ""}
-    if args.quick:
-        from gmmseg.data.digitscapes import generate_digitscapes
-
-        datasets = Path(tempfile.mkdtemp(prefix="digitscapes-quick-"))
-        generate_digitscapes(
-            str(datasets), seed=0, image_size=64, counts={"train": 8, "val": 4, "anomaly_val": 4}
-        )
-        env["DETECTRON2_DATASETS"] = str(datasets)
-    else:
-        datasets = Path(env.setdefault("DETECTRON2_DATASETS", str(REPO / "datasets")))
-        if not (datasets / "digitscapes" / "meta.json").is_file():
-            subprocess.run(
-                [sys.executable, str(REPO / "datasets" / "prepare_digitscapes.py"), "--root", str(datasets)],
-                check=True,
-            )
+    env = benchmark_env(args.quick)
     run_iters = iters or config_iters(GMMSEG)
     # first pass: every variant with seed 0 (and the headline pair with every seed), so that a comparable
     # table exists as early as possible; then the further seeds of the variants that need them
@@ -391,15 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         f"### DigitScapes: softmax vs GMMSeg DeepLabV3+ R18 and ablations ({run_iters} iterations at batch "
         f"{2 if args.quick else 16}, {seeds_text}{', --quick' if args.quick else ''})"
     )
-    table = markdown(rows, header)
-    files = {ext: root / f"{args.name}.{ext}" for ext in ("md", "json", "png")}
-    files["md"].write_text(table)
-    files["json"].write_text(
-        json.dumps({"iters": run_iters, "quick": args.quick, "seeds": seeds, "rows": rows}, indent=2)
-    )
-    plot(rows, files["png"])
-    print(table)
-    print(f"wrote {', '.join(str(p) for p in files.values())} in {time.time() - start:,.0f} s")
+    data = {"iters": run_iters, "quick": args.quick, "seeds": seeds, "rows": rows}
+    write_results(root, args.name, markdown(rows, header), data, lambda path: plot(rows, path), start)
     return 0
 
 

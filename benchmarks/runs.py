@@ -9,16 +9,63 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 ITER_RE = re.compile(r"\biter: (\d+)\b")
 
-__all__ = ["REPO", "Progress", "last_iteration", "run_logged", "run_training", "settings_key"]
+__all__ = [
+    "REPO",
+    "Progress",
+    "benchmark_env",
+    "last_iteration",
+    "run_logged",
+    "run_training",
+    "settings_key",
+    "write_results",
+]
+
+
+def benchmark_env(quick: bool) -> dict:
+    """The environment of the runs: with ``quick``, a tiny DigitScapes generated into a temporary folder;
+    otherwise ``$DETECTRON2_DATASETS`` (default ``datasets/``), where DigitScapes is generated if missing."""
+    env = {**os.environ, "GMMSEG_BENCH_FLAGS": "--quick" if quick else ""}
+    if quick:
+        from gmmseg.data.digitscapes import generate_digitscapes
+
+        datasets = Path(tempfile.mkdtemp(prefix="digitscapes-quick-"))
+        generate_digitscapes(
+            str(datasets), seed=0, image_size=64, counts={"train": 8, "val": 4, "anomaly_val": 4}
+        )
+        env["DETECTRON2_DATASETS"] = str(datasets)
+    else:
+        datasets = Path(env.setdefault("DETECTRON2_DATASETS", str(REPO / "datasets")))
+        if not (datasets / "digitscapes" / "meta.json").is_file():
+            subprocess.run(
+                [sys.executable, str(REPO / "datasets" / "prepare_digitscapes.py"), "--root", str(datasets)],
+                check=True,
+            )
+    return env
+
+
+def write_results(
+    root: Path, name: str, table: str, data: dict, plot: Callable[[Path], None], start: float
+) -> None:
+    """Write ``root/<name>.md`` (the table), ``.json`` (``data``) and ``.png`` (``plot(path)``); print the
+    table and what was written, with the seconds since ``start``."""
+    files = {ext: root / f"{name}.{ext}" for ext in ("md", "json", "png")}
+    files["md"].write_text(table)
+    files["json"].write_text(json.dumps(data, indent=2))
+    plot(files["png"])
+    print(table)
+    print(f"wrote {', '.join(str(p) for p in files.values())} in {time.time() - start:,.0f} s")
 
 
 def settings_key(name: str, config: Path, opts: list[str]) -> str:

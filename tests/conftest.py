@@ -90,3 +90,27 @@ def run_two_gloo_workers(worker, args: tuple, out_dir: Path, timeout: float = 18
         with open(out_dir / f"rank{rank}.pkl", "rb") as f:
             results.append(pickle.load(f))
     return tuple(results)
+
+
+def save_gloo_worker_result(out: str, rank: int, work) -> None:
+    """The worker side of ``run_two_gloo_workers``, in a process whose gloo group is initialised: run
+    ``work()``, wait for every rank (nobody tears gloo down while a peer may still be inside a collective)
+    and pickle its result to ``out/rank<rank>.pkl``; on an exception write the traceback to
+    ``out/rank<rank>.err`` instead and re-raise. The process group is destroyed in every case."""
+    import os
+    import pickle
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        result = work()
+        dist.barrier()
+        with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(result, f)
+    except BaseException:
+        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()

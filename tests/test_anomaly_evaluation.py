@@ -6,13 +6,12 @@ import datetime
 import json
 import logging
 import os
-import pickle
 import uuid
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_two_gloo_workers
+from conftest import run_two_gloo_workers, save_gloo_worker_result
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -531,8 +530,6 @@ def rank_skewed(maps: list) -> list:
 
 
 def _dist_worker(rank: int, world_size: int, init_file: str, dicts: list, maps: list, out: str) -> None:
-    import traceback
-
     import torch.distributed as dist
 
     dist.init_process_group(
@@ -542,22 +539,17 @@ def _dist_worker(rank: int, world_size: int, init_file: str, dicts: list, maps: 
         world_size=world_size,
         timeout=datetime.timedelta(seconds=60),
     )
-    try:
+
+    def work() -> dict:
         results = {}
         for key, kwargs in EVAL_CONFIGS.items():
             out_dir = os.path.join(out, "eval") if key == "exact" else None
             ev = AnomalyEvaluator("dist_fake", distributed=True, output_dir=out_dir, **kwargs)
             data = rank_skewed(maps) if key == "auto_small" else maps
             results[key] = run_evaluator(ev, dicts[rank::world_size], data[rank::world_size], batch=1)
-        dist.barrier()  # nobody tears gloo down while a peer may still be inside evaluate()
-        with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(results, f)
-    except BaseException:
-        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+        return results
+
+    save_gloo_worker_result(out, rank, work)
 
 
 @pytest.mark.slow

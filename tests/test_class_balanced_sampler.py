@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_two_gloo_workers
+from conftest import run_two_gloo_workers, save_gloo_worker_result
 from detectron2.config import get_cfg
 from detectron2.data.samplers import TrainingSampler
 from PIL import Image
@@ -242,29 +241,26 @@ def test_no_class_anywhere_is_an_error():
 
 def _gloo_worker(rank: int, init_file: str, dataset_dir: str, out: str) -> None:
     import datetime
-    import traceback
 
     import torch.distributed as dist
     from detectron2.utils import comm
 
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=datetime.timedelta(60)
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
     )
     comm._LOCAL_PROCESS_GROUP = dist.new_group([0, 1])
-    try:
+
+    def work() -> dict:
         names = register_folder_dataset(dataset_dir)
         _, index = class_image_index_for_datasets(names, NUM_CLASSES)
         sampler = ClassBalancedTrainingSampler(index)  # seed: shared among the processes
-        result = {"seed": sampler.seed, "stream": list(islice(sampler, 300)), "index": index.image_classes}
-        dist.barrier()
-        with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(result, f)
-    except BaseException:
-        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+        return {"seed": sampler.seed, "stream": list(islice(sampler, 300)), "index": index.image_classes}
+
+    save_gloo_worker_result(out, rank, work)
 
 
 @pytest.mark.slow

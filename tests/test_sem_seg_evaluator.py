@@ -7,13 +7,12 @@ import json
 import logging
 import math
 import os
-import pickle
 import uuid
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_two_gloo_workers
+from conftest import run_two_gloo_workers, save_gloo_worker_result
 from detectron2.data import MetadataCatalog
 from PIL import Image
 from sklearn.metrics import accuracy_score, jaccard_score, recall_score
@@ -320,8 +319,6 @@ def test_evaluator_on_cuda_matches_cpu(tmp_path, dataset_name):
 # distributed: 2 gloo processes, each with half of the images
 # --------------------------------------------------------------------------------------------------
 def _dist_worker(rank: int, world_size: int, init_file: str, name: str, images: list, out: str) -> None:
-    import traceback
-
     import torch.distributed as dist
 
     dist.init_process_group(
@@ -331,19 +328,13 @@ def _dist_worker(rank: int, world_size: int, init_file: str, name: str, images: 
         world_size=world_size,
         timeout=datetime.timedelta(seconds=60),
     )
-    try:
+
+    def work() -> dict:
         MetadataCatalog.get(name).set(stuff_classes=list(CLASSES), ignore_label=IGNORE)
         ev = SemSegEvaluator(name, distributed=True, output_dir=os.path.join(out, "eval"))
-        result = run_evaluator(ev, images[rank::world_size], batch=1)
-        dist.barrier()  # nobody tears gloo down while a peer may still be inside evaluate()
-        with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(result, f)
-    except BaseException:
-        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+        return run_evaluator(ev, images[rank::world_size], batch=1)
+
+    save_gloo_worker_result(out, rank, work)
 
 
 @pytest.mark.slow

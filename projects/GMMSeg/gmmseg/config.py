@@ -47,9 +47,10 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.INPUT.DATASET_MAPPER_NAME = "semantic"
     # Mask2Former's photometric augmentation (brightness, contrast, saturation, hue), in training.
     cfg.INPUT.COLOR_AUG_SSD = False
-    # Optimizer: "SGD" (DeepLab, FPN) | "ADAMW" (Mask2Former); lr multiplier for the backbone; weight decay
-    # of embeddings (learned queries, Swin position tables). SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts
-    # "full_model": clip the norm of all gradients together (Mask2Former).
+    # Optimizer: "SGD" (DeepLab, FPN on the public datasets) | "ADAMW" (Mask2Former, the DigitScapes configs);
+    # lr multiplier for the backbone; weight decay of embeddings (learned queries, Swin position tables).
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts "full_model": clip the norm of all gradients together
+    # (Mask2Former).
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
     # lr multiplier for the semantic segmentation head (MODEL.SEM_SEG_HEAD); the GMMSeg authors use 10
