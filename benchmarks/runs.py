@@ -69,9 +69,22 @@ def write_results(
 
 
 def settings_key(name: str, config: Path, opts: list[str]) -> str:
-    """Identifies a run's settings: a finished run is reused only for the same settings."""
-    text = json.dumps([name, config.read_text(), opts])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Identifies a run's settings: a finished run is reused only for the same settings.
+
+    The key hashes the merged config (the file, its ``_BASE_`` chain and ``opts``, as ``train_net.py``
+    builds it; ``OUTPUT_DIR`` left out), so an edit of a base config invalidates the runs it changes,
+    while comments and layout do not.
+    """
+    from detectron2.config import get_cfg
+
+    from gmmseg import add_gmmseg_config
+
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.merge_from_file(str(config))
+    cfg.merge_from_list(list(opts))
+    cfg.OUTPUT_DIR = ""
+    return hashlib.sha256(json.dumps([name, cfg.dump()]).encode()).hexdigest()[:16]
 
 
 class Progress:

@@ -238,3 +238,22 @@ def test_convergence_quick_trains_both_heads_twice_and_plots(tmp_path):
         # metrics.json is written every 20 iterations: of evaluations 2 apart only the last is kept
         assert row["curve"][-1] == [8, pytest.approx(row["long_mIoU"])]
     assert (out / "convergence.png").stat().st_size > 0
+
+
+def test_settings_key_follows_the_merged_config_not_the_file_text(tmp_path):
+    """A base config's change invalidates finished runs; a comment does not."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from runs import settings_key
+
+    base = (REPO / "configs" / "digitscapes" / "Base-DigitScapes-DeepLabV3plus.yaml").read_text()
+    (tmp_path / "Base.yaml").write_text(base)
+    leaf = tmp_path / "leaf.yaml"
+    leaf.write_text('_BASE_: "Base.yaml"\n')
+    key = settings_key("gmmseg", leaf, ["SEED", "0"])
+    leaf.write_text('# a comment\n_BASE_: "Base.yaml"\nOUTPUT_DIR: "elsewhere"\n')
+    assert settings_key("gmmseg", leaf, ["SEED", "0"]) == key
+    assert settings_key("gmmseg", leaf, ["SEED", "1"]) != key
+    (tmp_path / "Base.yaml").write_text(base.replace("BASE_LR: 0.001", "BASE_LR: 0.002"))
+    assert settings_key("gmmseg", leaf, ["SEED", "0"]) != key
