@@ -41,7 +41,8 @@ def _softmax_cfg(*opts):
 
 def test_model_classifies_and_scores_with_the_posthoc_mixtures(tmp_path):
     g = torch.Generator().manual_seed(0)
-    num_classes, k, dim = 12, 3, 128  # the DigitScapes DeepLabV3+ decoder has 128 channels
+    dim = _softmax_cfg().MODEL.SEM_SEG_HEAD.CONVS_DIM  # the features the classifier reads
+    num_classes, k = 12, 3
     gmm = PosthocGMM(
         torch.randn(num_classes, k, dim, generator=g), 0.5 + torch.rand(num_classes, k, dim, generator=g)
     )
