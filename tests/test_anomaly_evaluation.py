@@ -237,7 +237,7 @@ def test_histogram_merge_of_different_ranges_stays_rigorous(caplog):
     a.add(scores[:half], labels[:half])
     b.add(scores[half:], labels[half:])
     assert not np.array_equal(a.edges, b.edges)
-    with caplog.at_level(logging.WARNING, logger="gmmseg.evaluation.anomaly"):
+    with caplog.at_level(logging.WARNING, logger="gmmseg.evaluation.score_histogram"):
         merged = a.merge(b)
     assert any("different bin edges" in r.getMessage() for r in caplog.records)
     # no merged edge splits an occupied bin of either side, so the merged counts are exact on its bins

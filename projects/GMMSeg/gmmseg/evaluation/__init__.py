@@ -1,7 +1,9 @@
 """Detectron2 evaluators for GMMSeg (segmentation quality, posterior calibration, anomaly segmentation)."""
 
-from .anomaly import AnomalyEvaluator, ScoreHistogram, anomaly_metrics
+from .anomaly import AnomalyEvaluator
+from .anomaly_ranking import anomaly_metrics
 from .calibration import calibration_bins, expected_calibration_error, plot_reliability_diagram
+from .score_histogram import ScoreHistogram
 from .sem_seg import SemSegEvaluator, confusion_matrix, segmentation_metrics
 
 __all__ = [

@@ -1,26 +1,18 @@
-"""Pixel-level anomaly segmentation metrics (AUROC, AP, FPR95) and their Detectron2 evaluator.
+"""Detectron2 evaluator of pixel-level anomaly segmentation: AUROC / AP / FPR95 of every anomaly score.
 
-All non-void pixels of a split are pooled; anomaly pixels are the positive class and the anomaly score
-(higher = more anomalous) ranks them. Everything reduces to one table: for each distinct score value (or
-histogram bin), in descending score order, how many pixels of each label it holds. Equal scores form one
-group, exactly as scikit-learn's ``roc_curve`` / ``average_precision_score`` group tied thresholds, so
-:func:`anomaly_metrics` reproduces scikit-learn while sorting only once (O(n log n), no pixel loops).
-
-Splits too large to hold go through :class:`ScoreHistogram`, which counts labels per score bin and
-treats scores within a bin as tied. Binning can only confuse the order of pixels that share a bin, so
-each metric's distance to the exact value is bounded from the histogram's own counts; the bounds are
-reported with the metrics (``bound_*``), which makes the approximation checkable rather than a guess.
+The evaluator reads each image's anomaly ground truth (:mod:`.anomaly_labels`), keeps the valid pixels'
+scores (exact mode, :mod:`.anomaly_ranking`) or streams them into histograms (:mod:`.score_histogram`)
+when a split is too large to hold; the main process merges, computes the metrics and writes the report
+and figures (:mod:`.anomaly_report`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -29,451 +21,14 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-from .sem_seg import _json_safe
+from .anomaly_labels import CODE_ID, NUM_CODES, SUBSETS, load_codes
+from .anomaly_ranking import VOID, grouped_counts, metrics_from_counts, roc_pr_curves
+from .anomaly_report import write_anomaly_report
+from .score_histogram import ScoreHistogram
 
-__all__ = ["anomaly_metrics", "ScoreHistogram", "AnomalyEvaluator"]
+__all__ = ["AnomalyEvaluator"]
 
 logger = logging.getLogger(__name__)
-
-VOID = 255
-TPR_TARGET = 0.95  # FPR95: false-positive rate where the true-positive rate first reaches 95%
-
-
-# --------------------------------------------------------------------------------------------------
-# Exact metrics from grouped counts
-# --------------------------------------------------------------------------------------------------
-def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
-            x = x.float()  # numpy has no bfloat16
-        return x.numpy()
-    return np.asarray(x)
-
-
-def _as_scores(scores: Any) -> np.ndarray:
-    """1-D float32/float64 scores (float32 kept: it sorts faster); NaN has no rank, so it is an error."""
-    s = _to_numpy(scores).reshape(-1)
-    if s.dtype not in (np.float32, np.float64):
-        s = s.astype(np.float32 if s.dtype == np.float16 else np.float64)
-    if np.isnan(s).any():
-        raise ValueError(f"anomaly scores contain {int(np.isnan(s).sum())} NaN values")
-    return s
-
-
-def _grouped_counts(scores: np.ndarray, codes: np.ndarray, num_codes: int) -> np.ndarray:
-    """(G, num_codes) int64 pixel counts per distinct score value, highest score first.
-
-    One argsort; group ids come from a cumulative sum over "value changed" flags and one ``bincount``
-    over ``group * K + code`` does the counting.
-    """
-    order = np.argsort(scores)
-    s = scores[order]
-    key = np.empty(s.size, dtype=np.int64)
-    if s.size:
-        key[0] = 0
-        np.cumsum(s[1:] != s[:-1], out=key[1:])
-    num_groups = int(key[-1]) + 1 if s.size else 0
-    key *= num_codes
-    key += codes[order]
-    counts = np.bincount(key, minlength=num_groups * num_codes).reshape(num_groups, num_codes)
-    return counts[::-1]
-
-
-def _metrics_from_counts(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
-    """AUROC / AP / FPR95 (fractions) from per-group positive and negative counts, highest score first.
-
-    With ``T``/``F`` the cumulative counts at the end of each group and ``p``/``n`` the group's own:
-    AUROC = sum n (T - p/2) / (P N) (the trapezoid, i.e. tied pairs count 1/2); AP = sum (p / P) T / (T + F)
-    (scikit-learn's step-wise sum (R_k - R_{k-1}) P_k); FPR95 = F / N at the first group with T / P >= 0.95
-    (the smallest FPR over thresholds with TPR >= 0.95, since FPR only grows as the threshold drops).
-    """
-    keep = (pos + neg) > 0
-    pos = pos[keep].astype(np.float64)
-    neg = neg[keep].astype(np.float64)
-    num_pos, num_neg = pos.sum(), neg.sum()
-    if num_pos == 0 or num_neg == 0:
-        raise ValueError(
-            f"anomaly metrics need both classes; got {int(num_pos)} anomaly and {int(num_neg)} "
-            "in-distribution pixels"
-        )
-    tps, fps = np.cumsum(pos), np.cumsum(neg)
-    auroc = np.sum(neg * (tps - 0.5 * pos)) / (num_pos * num_neg)
-    ap = np.sum(pos * (tps / (tps + fps))) / num_pos
-    k = int(np.argmax(tps / num_pos >= TPR_TARGET))
-    return {"auroc": float(auroc), "ap": float(ap), "fpr95": float(fps[k] / num_neg)}
-
-
-def _prepare(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Flatten, check and drop void pixels; labels become 0/1 uint8."""
-    s = _as_scores(scores)
-    y = _to_numpy(labels).reshape(-1)
-    if s.size != y.size:
-        raise ValueError(f"scores and labels differ in size: {s.size} vs {y.size}")
-    bad = (y != 0) & (y != 1) & (y != VOID)
-    if bad.any():
-        raise ValueError(
-            f"labels must be 0 (in-distribution), 1 (anomaly) or 255 (void); got {np.unique(y[bad]).tolist()}"
-        )
-    keep = y != VOID
-    return s[keep], y[keep].astype(np.uint8)
-
-
-def anomaly_metrics(scores: Any, labels: Any) -> dict[str, float]:
-    """Exact ``{"auroc", "ap", "fpr95"}`` (fractions) of ``scores`` for anomaly ``labels`` (1 anomaly, 0 not).
-
-    Pixels labelled 255 are dropped. Ties are grouped as scikit-learn does, so the results equal
-    ``roc_auc_score``, ``average_precision_score`` and the FPR at the first ``roc_curve`` point (without
-    ``drop_intermediate``) whose TPR reaches 0.95. Raises ValueError if either class is missing.
-    """
-    s, y = _prepare(scores, labels)
-    counts = _grouped_counts(s, y, 2)
-    return _metrics_from_counts(counts[:, 1], counts[:, 0])
-
-
-def _curves(pos: np.ndarray, neg: np.ndarray, max_points: int = 1001) -> dict[str, np.ndarray]:
-    """ROC and PR curves for plotting, thinned to about ``2 * max_points`` points spread along both axes."""
-    keep = (pos + neg) > 0
-    tps = np.cumsum(pos[keep].astype(np.float64))
-    fps = np.cumsum(neg[keep].astype(np.float64))
-    tpr, fpr = tps / tps[-1], fps / fps[-1]
-    grid = np.linspace(0.0, 1.0, max_points)
-    idx = np.unique(
-        np.concatenate([np.searchsorted(fpr, grid), np.searchsorted(tpr, grid), [0, len(tps) - 1]]).clip(
-            0, len(tps) - 1
-        )
-    )
-    return {
-        "fpr": np.r_[0.0, fpr[idx]],
-        "tpr": np.r_[0.0, tpr[idx]],
-        "recall": tpr[idx],
-        "precision": tps[idx] / (tps[idx] + fps[idx]),
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# Streaming histogram
-# --------------------------------------------------------------------------------------------------
-def _lattice_range(values: np.ndarray, num_bins: int, margin: float, quantile: float) -> tuple[float, float]:
-    """Pick ``(lo, width)``: a power-of-two bin width and a start on a coarse lattice.
-
-    The window covers the ``quantile``..``1 - quantile`` range of the finite ``values`` widened by ``margin``
-    times that span on each side (rare outliers go to the end bins instead of stretching every bin). Width
-    2^e and a start that is a multiple of (window / 8) make the edges exactly representable and canonical:
-    processes that pick a range from similar data almost always pick the very same edges (merging is then
-    a plain sum), and otherwise their edges lie on nested lattices, which keeps a merge fine-grained.
-    """
-    finite = values[np.isfinite(values)].astype(np.float64)
-    if finite.size == 0:
-        a, b = -1.0, 1.0
-    else:
-        a, b = (float(v) for v in np.quantile(finite, [quantile, 1.0 - quantile]))
-        if not b > a:
-            a, b = float(finite.min()), float(finite.max())
-        if not b > a:
-            a, b = a - max(abs(a), 1.0), a + max(abs(a), 1.0)
-    span = b - a
-    lo_t, hi_t = a - margin * span, b + margin * span
-    if not math.isfinite(hi_t - lo_t):
-        lo_t, hi_t = a, b
-        if not math.isfinite(hi_t - lo_t):
-            raise ValueError(f"scores span [{a}, {b}], beyond float64; pass an explicit score_range")
-    # the finest width that keeps lo / width below 2^46 (edges k * width stay exact in float64)
-    min_width = math.ldexp(1.0, math.frexp(max(abs(lo_t), abs(hi_t)))[1] - 46)
-    width = max(math.ldexp(1.0, math.ceil(math.log2((hi_t - lo_t) * 8 / 7 / num_bins))), min_width)
-    while True:
-        step = width * max(num_bins // 8, 1)
-        lo = math.floor(lo_t / step) * step
-        if lo <= lo_t and lo + num_bins * width >= hi_t:
-            return lo, width
-        width *= 2
-
-
-class ScoreHistogram:
-    """Mergeable per-bin label counts of anomaly scores, for splits too large to sort.
-
-    Bins: ``num_bins`` equal bins over ``[lo, hi)`` plus two open end bins, ``(-inf, lo)`` and
-    ``[hi, +inf]``, so no score is ever lost (they only cost resolution, which the bounds report); in
-    general (after merging differently ranged histograms) bin ``j`` is ``[edges[j-1], edges[j])``.
-    ``counts[j, k]`` is the number of pixels with label ``k`` in bin ``j`` (bins ascending). Labels are
-    ``0 .. num_labels - 1`` (default 2: 0 in-distribution, 1 anomaly); 255 is void and dropped.
-
-    Range: fixed from ``score_range`` (use this for distributed runs when the score scale is known), or
-    chosen from the data: the first ``warmup_pixels`` pixels are buffered exactly, then a window around
-    their 0.1%..99.9% quantiles, widened by ``margin`` times that span on both sides and snapped to a
-    power-of-two lattice (see :func:`_lattice_range`), fixes the edges. Later scores outside it go to the
-    end bins. Bin membership is decided by comparison with the stored edges, so bins are exact intervals.
-
-    Merging (:meth:`merge`): identical edges add counts; warming-up buffers are pooled (so the range is
-    chosen from all of them). Differently ranged histograms (processes that fixed their own ranges) are
-    merged onto the finest partition compatible with both: every edge of either, except edges lying
-    strictly inside an *occupied* bin of the other, whose pixels cannot be split (an empty bin constrains
-    nothing, so where only one side has data its resolution is kept). Every occupied bin of either then
-    lies in one merged bin, so the merged counts are exact for the merged (possibly non-uniform) bins and
-    the bounds below stay rigorous; only resolution is lost, and the bounds show how much.
-
-    Metrics treat scores in one bin as tied (they equal :func:`anomaly_metrics` of the bin index). With
-    bins in descending order, ``p``/``n`` a bin's positives/negatives, ``T``/``F`` the counts above it and
-    ``P``/``N`` the totals, :meth:`metrics` also reports the range each exact metric must lie in, whatever
-    the order (and ties) of scores inside bins:
-
-    * AUROC: only pairs within one bin can be misordered and each counts 1/2 here, so
-      ``|AUROC_hist - AUROC| <= bound_auroc = 0.5 * sum p n / (P N)``.
-    * FPR95: the exact crossing threshold lies in the first bin where TPR reaches 0.95, so the exact FPR95
-      is in ``[F / N, (F + n) / N]`` of that bin; FPR95_hist is the upper end, ``bound_fpr95 = n / N``.
-    * AP: a bin contributes ``sum`` over its positives of their precision. A positive's precision is at
-      most ``(T + p) / (T + F + p)`` (all positives of the bin first, tied) and the j-th positive's is at
-      least ``(T + j) / (T + F + n + j)`` (all negatives first). Summing,
-      ``ap_upper = sum (p / P) (T + p) / (T + F + p)`` and, with ``sum_j 1 / (c + j) <= log1p(p / (c + 1/2))``
-      (convexity of 1/x), ``ap_lower = sum [p - (F + n) log1p(p / (T + F + n + 1/2))] / P``. The exact AP lies
-      in ``[ap_lower, ap_upper]`` and ``bound_ap = max(ap_upper - AP_hist, AP_hist - ap_lower)``.
-    """
-
-    def __init__(
-        self,
-        num_bins: int = 65536,
-        score_range: tuple[float, float] | None = None,
-        *,
-        num_labels: int = 2,
-        warmup_pixels: int = 1 << 20,
-        margin: float = 0.5,
-        quantile: float = 1e-3,
-    ) -> None:
-        if num_bins < 1:
-            raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-        if not 1 <= num_labels < VOID:
-            raise ValueError(f"num_labels must be in [1, {VOID}), got {num_labels}")
-        if not 0 <= quantile < 0.5 or margin < 0:
-            raise ValueError(f"need 0 <= quantile < 0.5 and margin >= 0, got {quantile}, {margin}")
-        self.num_labels = int(num_labels)
-        self.warmup_pixels = int(warmup_pixels)
-        self._requested_bins = int(num_bins)
-        self._margin, self._quantile = float(margin), float(quantile)
-        self._edges: np.ndarray | None = None
-        self.counts = np.zeros((0, self.num_labels), dtype=np.int64)
-        self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
-        self._buffered = 0
-        if score_range is not None:
-            lo, hi = (float(v) for v in score_range)
-            if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-                raise ValueError(f"score_range must be finite with lo < hi, got {score_range}")
-            self._set_edges(np.linspace(lo, hi, num_bins + 1))
-
-    # ---------------------------------------------------------------------------------------------
-    @property
-    def is_ranged(self) -> bool:
-        """True once the bin edges are fixed (before that, scores are buffered exactly)."""
-        return self._edges is not None
-
-    @property
-    def edges(self) -> np.ndarray:
-        """Finite bin edges ``e_0 < ... < e_m``; bin ``j`` is ``[e_{j-1}, e_j)`` with ``e_{-1} = -inf``."""
-        if self._edges is None:
-            raise RuntimeError("the histogram has no range yet; call fix_range() or add more pixels")
-        return self._edges
-
-    @property
-    def num_bins(self) -> int:
-        """Number of finite bins (the two open end bins not included)."""
-        return max(len(self.edges) - 1, 0)
-
-    @property
-    def num_pixels(self) -> int:
-        return int(self.counts.sum()) + self._buffered
-
-    def _set_edges(self, edges: np.ndarray, counts: np.ndarray | None = None) -> None:
-        self._edges = np.asarray(edges, dtype=np.float64)
-        m = len(self._edges)
-        self.counts = (
-            np.zeros((m + 1, self.num_labels), dtype=np.int64) if counts is None else counts.astype(np.int64)
-        )
-        self._lo = float(self._edges[0]) if m else 0.0
-        self._width = float(self._edges[1] - self._edges[0]) if m >= 2 else 0.0
-        self._uniform = m >= 2 and bool(np.allclose(np.diff(self._edges), self._width, rtol=1e-9, atol=0.0))
-
-    def _bin_index(self, x: np.ndarray) -> np.ndarray:
-        """``searchsorted(edges, x, "right")``: arithmetic guess, then exact fix-up against the edges."""
-        edges = self._edges
-        m = len(edges)
-        if not self._uniform:
-            return np.searchsorted(edges, x, side="right")
-        t = np.floor((x - self._lo) / self._width)
-        np.clip(t, -1, m - 1, out=t)
-        j = t.astype(np.int64) + 1
-        for _ in range(8):  # rounding can put a value next to an edge one bin off; comparisons settle it
-            low = (j >= 1) & (x < edges[np.maximum(j - 1, 0)])
-            high = (j <= m - 1) & (x >= edges[np.minimum(j, m - 1)])
-            if not (low.any() or high.any()):
-                return j
-            j -= low
-            j += high
-        return np.searchsorted(edges, x, side="right")
-
-    def _bin(self, scores: np.ndarray, labels: np.ndarray) -> None:
-        j = self._bin_index(scores.astype(np.float64, copy=False))
-        flat = np.bincount(j * self.num_labels + labels, minlength=self.counts.size)
-        self.counts += flat.reshape(self.counts.shape)
-
-    def add(self, scores: Any, labels: Any) -> None:
-        """Count ``scores`` (any shape) with ``labels`` (same size; 255 = void, dropped)."""
-        s = _as_scores(scores)
-        y = _to_numpy(labels).reshape(-1)
-        if s.size != y.size:
-            raise ValueError(f"scores and labels differ in size: {s.size} vs {y.size}")
-        keep = y != VOID
-        s, y = s[keep], y[keep].astype(np.int64)
-        bad = (y < 0) | (y >= self.num_labels)
-        if bad.any():
-            raise ValueError(
-                f"labels must be in [0, {self.num_labels}) or 255; got {np.unique(y[bad]).tolist()}"
-            )
-        if self.is_ranged:
-            self._bin(s, y)
-            return
-        self._buffer.append((s.copy(), y.astype(np.uint8)))
-        self._buffered += s.size
-        if self._buffered >= self.warmup_pixels:
-            self.fix_range()
-
-    def fix_range(self) -> None:
-        """Fix the edges from the buffered scores (no-op if already fixed) and count the buffer."""
-        if self.is_ranged:
-            return
-        scores, labels = self._pop_buffer()
-        lo, width = _lattice_range(scores, self._requested_bins, self._margin, self._quantile)
-        self._set_edges(lo + width * np.arange(self._requested_bins + 1, dtype=np.float64))
-        self._bin(scores, labels.astype(np.int64))
-
-    def _pop_buffer(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._buffer:
-            scores = np.concatenate([b[0].astype(np.float64) for b in self._buffer])
-            labels = np.concatenate([b[1] for b in self._buffer])
-        else:
-            scores, labels = np.zeros(0), np.zeros(0, np.uint8)
-        self._buffer, self._buffered = [], 0
-        return scores, labels
-
-    def _like(self) -> ScoreHistogram:
-        return ScoreHistogram(
-            self._requested_bins,
-            num_labels=self.num_labels,
-            warmup_pixels=self.warmup_pixels,
-            margin=self._margin,
-            quantile=self._quantile,
-        )
-
-    def _strictly_inside_occupied(self, points: np.ndarray) -> np.ndarray:
-        """Which ``points`` fall strictly inside a bin of this histogram that holds pixels."""
-        occupied = self.counts.sum(axis=1) > 0
-        return occupied[np.searchsorted(self.edges, points, side="right")] & ~np.isin(points, self.edges)
-
-    def _rebinned(self, edges: np.ndarray) -> np.ndarray:
-        """Counts on ``edges``, none of which lies strictly inside an occupied bin of this histogram.
-
-        Each occupied bin then lies in the new bin that holds its left edge (empty bins carry nothing).
-        """
-        old = self.edges
-        target = np.zeros(len(old) + 1, dtype=np.int64)  # old bin j = [old[j-1], old[j]); j = 0 stays 0
-        target[1:] = np.searchsorted(edges, old, side="right")
-        out = np.zeros((len(edges) + 1, self.num_labels), dtype=np.int64)
-        np.add.at(out, target, self.counts)
-        return out
-
-    def merge(self, other: ScoreHistogram) -> ScoreHistogram:
-        """A new histogram holding the pixels of both (see the class docstring for differing ranges)."""
-        if other.num_labels != self.num_labels:
-            raise ValueError(f"cannot merge histograms with {self.num_labels} and {other.num_labels} labels")
-        out = self._like()
-        ranged = [h for h in (self, other) if h.is_ranged]
-        if len(ranged) == 2 and np.array_equal(self.edges, other.edges):
-            out._set_edges(self.edges, self.counts + other.counts)
-        elif len(ranged) == 2:
-            union = np.union1d(self.edges, other.edges)
-            common = union[~(self._strictly_inside_occupied(union) | other._strictly_inside_occupied(union))]
-            logger.warning(
-                "ScoreHistogram.merge: different bin edges ([%g, %g) in %d bins vs [%g, %g) in %d bins); "
-                "merging onto %d edges compatible with both (a fixed score_range avoids the resolution loss)",
-                self.edges[0] if len(self.edges) else np.nan,
-                self.edges[-1] if len(self.edges) else np.nan,
-                self.num_bins,
-                other.edges[0] if len(other.edges) else np.nan,
-                other.edges[-1] if len(other.edges) else np.nan,
-                other.num_bins,
-                len(common),
-            )
-            out._set_edges(common, self._rebinned(common) + other._rebinned(common))
-        elif len(ranged) == 1:
-            out._set_edges(ranged[0].edges, ranged[0].counts)
-        for h in (self, other):
-            for s, y in h._buffer:
-                out.add(s, y)
-        return out
-
-    # ---------------------------------------------------------------------------------------------
-    def grouped(self, positive: Sequence[int] = (1,), negative: Sequence[int] = (0,)) -> np.ndarray:
-        """(bins, 2) [negatives, positives] per bin, highest scores first (fixes the range if needed)."""
-        self.fix_range()
-        neg = self.counts[:, list(negative)].sum(axis=1)
-        pos = self.counts[:, list(positive)].sum(axis=1)
-        return np.stack([neg, pos], axis=1)[::-1]
-
-    def metrics(self, positive: Sequence[int] = (1,), negative: Sequence[int] = (0,)) -> dict[str, float]:
-        """Metrics treating each bin as one tie, their rigorous ``bound_*`` and ``*_lower``/``*_upper`` ends.
-
-        ``positive``/``negative``: which labels count as anomaly / in-distribution (others are ignored),
-        e.g. one anomaly family against all in-distribution pixels.
-        """
-        counts = self.grouped(positive, negative)
-        counts = counts[counts.sum(axis=1) > 0]
-        res = _metrics_from_counts(counts[:, 1], counts[:, 0])
-        neg, pos = counts[:, 0].astype(np.float64), counts[:, 1].astype(np.float64)
-        num_pos, num_neg = pos.sum(), neg.sum()
-        tps, fps = np.cumsum(pos), np.cumsum(neg)
-        t_above, f_above = tps - pos, fps - neg
-
-        auroc_lower = float(np.sum(neg * t_above) / (num_pos * num_neg))
-        tied = float(np.sum(pos * neg) / (num_pos * num_neg))
-        k = int(np.argmax(tps / num_pos >= TPR_TARGET))
-        has_pos = pos > 0
-        ap_upper = float(np.sum(pos[has_pos] * (tps[has_pos] / (tps[has_pos] + f_above[has_pos]))) / num_pos)
-        ap_lower = float(
-            np.sum(pos - (f_above + neg) * np.log1p(pos / (t_above + f_above + neg + 0.5))) / num_pos
-        )
-        res.update(
-            bound_auroc=0.5 * tied,
-            bound_ap=max(ap_upper - res["ap"], res["ap"] - ap_lower, 0.0),
-            bound_fpr95=float(neg[k] / num_neg),
-            auroc_lower=auroc_lower,
-            auroc_upper=auroc_lower + tied,
-            ap_lower=ap_lower,
-            ap_upper=ap_upper,
-            fpr95_lower=float(f_above[k] / num_neg),
-            fpr95_upper=res["fpr95"],
-        )
-        return res
-
-    def summary(self) -> dict[str, Any]:
-        """Range and end-bin occupancy, for the JSON report."""
-        self.fix_range()
-        edges = self.edges
-        return {
-            "finite_bins": self.num_bins,
-            "range": [float(edges[0]), float(edges[-1])] if len(edges) else None,
-            "bin_width": self._width if self._uniform else None,  # None: non-uniform after a merge
-            "pixels": int(self.counts.sum()),
-            "below_range": int(self.counts[0].sum()),
-            "above_range": int(self.counts[-1].sum()) if len(edges) else 0,
-        }
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluator
-# --------------------------------------------------------------------------------------------------
-# Pixel codes: one uint8 per pixel says in-distribution, anomaly, or anomaly of a given family.
-_CODE_ID, _CODE_ANOMALY = 0, 1
-_FAMILIES = {"near": 1, "far": 2}  # values in ood_family PNGs; code = 1 + family
-_NUM_CODES = 2 + len(_FAMILIES)
-_SUBSETS = {"": (1, 2, 3), **{name: (1 + value,) for name, value in _FAMILIES.items()}}
 
 
 def _map_numpy(m: Any) -> np.ndarray:
@@ -481,14 +36,6 @@ def _map_numpy(m: Any) -> np.ndarray:
     if isinstance(m, torch.Tensor):
         return m.detach().float().cpu().numpy()
     return np.asarray(m, dtype=np.float32)
-
-
-def _read_png(path: str) -> np.ndarray:
-    with PathManager.open(path, "rb") as f:
-        arr = np.asarray(Image.open(f))
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: expected a single-channel label PNG, got shape {arr.shape}")
-    return arr
 
 
 class AnomalyEvaluator(DatasetEvaluator):
@@ -571,48 +118,11 @@ class AnomalyEvaluator(DatasetEvaluator):
         return self._score_range
 
     def _new_hist(self, name: str) -> ScoreHistogram:
-        return ScoreHistogram(self._num_bins, self._range_for(name), num_labels=_NUM_CODES)
+        return ScoreHistogram(self._num_bins, self._range_for(name), num_labels=NUM_CODES)
 
     def _budget(self) -> int:
         world = comm.get_world_size() if self._distributed else 1
         return -(-self._max_exact_pixels // world)
-
-    def _load_codes(self, input_: dict) -> tuple[np.ndarray, str]:
-        """Per-pixel code: 0 in-distribution, 1 anomaly, 1 + family for near/far anomalies, 255 void."""
-        if "ood_file_name" not in input_:
-            raise KeyError(
-                f"input {input_.get('file_name', '<unknown>')!r} has no 'ood_file_name'; "
-                "AnomalyEvaluator reads the anomaly ground truth from it"
-            )
-        path = input_["ood_file_name"]
-        ood = _read_png(path)
-        bad = (ood != 0) & (ood != 1) & (ood != VOID)
-        if bad.any():
-            raise ValueError(
-                f"{path}: anomaly labels must be 0, 1 or 255, found {np.unique(ood[bad]).tolist()}"
-            )
-        codes = ood.astype(np.uint8)
-        family_path = input_.get("ood_family_file_name")
-        if family_path:
-            family = _read_png(family_path)
-            if family.shape != ood.shape:
-                raise ValueError(f"{family_path}: shape {family.shape} differs from {path} {ood.shape}")
-            bad = ~np.isin(family, (0, *_FAMILIES.values(), VOID))
-            if bad.any():
-                raise ValueError(
-                    f"{family_path}: family labels must be 0, 1, 2 or 255, "
-                    f"found {np.unique(family[bad]).tolist()}"
-                )
-            clash = (ood == 0) & np.isin(family, tuple(_FAMILIES.values()))
-            if clash.any():
-                raise ValueError(
-                    f"{family_path}: {int(clash.sum())} pixels have an anomaly family but are "
-                    f"in-distribution in {path}"
-                )
-            for value in _FAMILIES.values():
-                codes[(ood == 1) & (family == value)] = 1 + value
-            self._has_family = True
-        return codes, path
 
     @staticmethod
     def _score_maps(output: dict, path: str) -> dict[str, Any]:
@@ -648,7 +158,8 @@ class AnomalyEvaluator(DatasetEvaluator):
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         """Read each image's ground truth, check it against the score maps and keep / bin valid pixels."""
         for input_, output in zip(inputs, outputs):
-            codes, path = self._load_codes(input_)
+            codes, path, has_family = load_codes(input_)
+            self._has_family |= has_family
             maps = self._score_maps(output, path)
             if self._names is None:
                 self._names = tuple(maps)
@@ -776,17 +287,17 @@ class AnomalyEvaluator(DatasetEvaluator):
                 grouped[name] = hist.counts[::-1]
             else:
                 scores = np.concatenate([s["scores"][name] for s in states])
-                grouped[name] = _grouped_counts(scores, codes, _NUM_CODES)
+                grouped[name] = grouped_counts(scores, codes, NUM_CODES)
 
         totals = next(iter(grouped.values())).sum(axis=0)
-        if totals[_CODE_ID] == 0 or totals[1:].sum() == 0:
+        if totals[CODE_ID] == 0 or totals[1:].sum() == 0:
             raise ValueError(
                 f"AnomalyEvaluator on {self._dataset_name}: need in-distribution and anomaly pixels, got "
-                f"{int(totals[_CODE_ID])} and {int(totals[1:].sum())}"
+                f"{int(totals[CODE_ID])} and {int(totals[1:].sum())}"
             )
-        subsets = {"": _SUBSETS[""]}
+        subsets = {"": SUBSETS[""]}
         if has_family:
-            for fam, members in _SUBSETS.items():
+            for fam, members in SUBSETS.items():
                 if fam and totals[list(members)].sum() > 0:
                     subsets[fam] = members
 
@@ -796,11 +307,11 @@ class AnomalyEvaluator(DatasetEvaluator):
             curves[name] = {}
             for fam, members in subsets.items():
                 counts = grouped[name]
-                pos, neg = counts[:, list(members)].sum(axis=1), counts[:, _CODE_ID]
+                pos, neg = counts[:, list(members)].sum(axis=1), counts[:, CODE_ID]
                 if use_hist:
-                    m = hists[name].metrics(positive=members, negative=(_CODE_ID,))
+                    m = hists[name].metrics(positive=members, negative=(CODE_ID,))
                 else:
-                    m = _metrics_from_counts(pos, neg)
+                    m = metrics_from_counts(pos, neg)
                 prefix = f"{name}/{fam}/" if fam else f"{name}/"
                 results[prefix + "AUROC"] = 100.0 * m["auroc"]
                 results[prefix + "AP"] = 100.0 * m["ap"]
@@ -809,7 +320,7 @@ class AnomalyEvaluator(DatasetEvaluator):
                     for key in ("AUROC", "AP", "FPR95"):
                         results[prefix + f"bound_{key}"] = 100.0 * m[f"bound_{key.lower()}"]
                 if self._output_dir:
-                    curves[name][fam or "all"] = {**_curves(pos, neg), **m}
+                    curves[name][fam or "all"] = {**roc_pr_curves(pos, neg), **m}
 
         mode = "histogram" if use_hist else "exact"
         logger.info(
@@ -820,123 +331,8 @@ class AnomalyEvaluator(DatasetEvaluator):
             ", ".join(f"{k} {v:.2f}" for k, v in results.items() if "bound" not in k),
         )
         if self._output_dir:
-            self._write_outputs(results, mode, totals, hists, curves, states)
+            heatmaps = [h for s in states for h in s["heatmaps"]][: self._num_heatmaps]
+            write_anomaly_report(
+                self._output_dir, self._dataset_name, results, mode, totals, hists, curves, heatmaps
+            )
         return OrderedDict({"anomaly": results})
-
-    # ---------------------------------------------------------------------------------------------
-    def _write_outputs(
-        self,
-        results: dict[str, float],
-        mode: str,
-        totals: np.ndarray,
-        hists: dict[str, ScoreHistogram],
-        curves: dict[str, dict[str, dict[str, Any]]],
-        states: list[dict[str, Any]],
-    ) -> None:
-        PathManager.mkdirs(self._output_dir)
-        report: dict[str, Any] = {
-            "dataset": self._dataset_name,
-            "mode": mode,
-            "metrics": dict(results),
-            "pixels": {
-                "in_distribution": int(totals[_CODE_ID]),
-                "anomaly": int(totals[1:].sum()),
-                **{fam: int(totals[1 + v]) for fam, v in _FAMILIES.items()},
-            },
-            "definitions": {
-                "AUROC": "area under the ROC curve, anomaly = positive, ties count 1/2",
-                "AP": "sum_n (R_n - R_{n-1}) P_n over distinct thresholds (sklearn average_precision_score)",
-                "FPR95": "smallest false-positive rate among thresholds whose true-positive rate >= 95%",
-                "families": "near / far: that family's pixels against all in-distribution pixels",
-                "bound_*": "histogram mode: |histogram metric - exact metric| <= bound (percent)",
-            },
-        }
-        if hists:
-            report["histograms"] = {
-                name: {
-                    **h.summary(),
-                    "brackets": {
-                        fam: {k: 100.0 * v for k, v in c.items() if k.endswith(("_lower", "_upper"))}
-                        for fam, c in curves[name].items()
-                    },
-                }
-                for name, h in hists.items()
-            }
-        with PathManager.open(os.path.join(self._output_dir, "anomaly_evaluation.json"), "w") as f:
-            json.dump(_json_safe(report), f, indent=2)
-        for name, by_family in curves.items():
-            _plot_roc_pr(by_family, os.path.join(self._output_dir, f"roc_pr_{_safe(name)}.png"), name)
-        heatmaps = [h for s in states for h in s["heatmaps"]][: self._num_heatmaps]
-        for h in heatmaps:
-            _plot_heatmap(h, os.path.join(self._output_dir, f"heatmap_{_safe(h['image_id'])}.png"))
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^\w.-]", "_", name)
-
-
-def _plot_roc_pr(by_family: dict[str, dict[str, Any]], path: str, score_name: str) -> None:
-    """ROC and precision-recall curves of one score, one line per family, side by side.
-
-    matplotlib is imported here and used through the Agg canvas (no pyplot), so importing the evaluator
-    neither needs matplotlib nor changes the process-wide backend.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4.5))
-    FigureCanvasAgg(fig)
-    ax_roc, ax_pr = fig.subplots(1, 2)
-    for fam, c in by_family.items():
-        ax_roc.plot(
-            c["fpr"], c["tpr"], label=f"{fam} (AUROC {100 * c['auroc']:.1f}, FPR95 {100 * c['fpr95']:.1f})"
-        )
-        ax_pr.plot(c["recall"], c["precision"], label=f"{fam} (AP {100 * c['ap']:.1f})")
-    ax_roc.plot([0, 1], [0, 1], "k:", linewidth=1)
-    ax_roc.axhline(TPR_TARGET, color="gray", linestyle="--", linewidth=0.8)
-    ax_roc.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate", ylabel="true-positive rate")
-    ax_roc.set_title(f"ROC: {score_name}")
-    ax_pr.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision")
-    ax_pr.set_title(f"precision-recall: {score_name}")
-    for ax in (ax_roc, ax_pr):
-        ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    with PathManager.open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-
-
-_CODE_COLORS = {_CODE_ID: (30, 30, 30), _CODE_ANOMALY: (255, 140, 0), 2: (255, 220, 0), 3: (230, 30, 30)}
-
-
-def _plot_heatmap(data: dict[str, Any], path: str) -> None:
-    """Image | anomaly ground truth | one panel per score (colour range: the score's 1-99% quantiles)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    codes = data["codes"]
-    gt = np.full((*codes.shape, 3), 160, np.uint8)  # void: gray
-    for code, color in _CODE_COLORS.items():
-        gt[codes == code] = color
-    panels: list[tuple[str, np.ndarray, bool]] = []
-    if data["image"] is not None:
-        panels.append(("image", data["image"], False))
-    panels.append(("ground truth (orange/yellow/red: anomaly/near/far)", gt, False))
-    panels += [(f"score: {n}", s, True) for n, s in data["scores"].items()]
-    h, w = codes.shape
-    fig = Figure(figsize=(3.2 * len(panels), 3.2 * h / max(w, 1) + 0.6))
-    FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    for ax, (title, arr, is_score) in zip(axes, panels):
-        if is_score:
-            finite = arr[np.isfinite(arr)]
-            lo, hi = np.quantile(finite, [0.01, 0.99]) if finite.size else (0.0, 1.0)
-            im = ax.imshow(arr, cmap="inferno", vmin=lo, vmax=hi if hi > lo else lo + 1e-6)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-        else:
-            ax.imshow(arr)
-        ax.set_title(title, fontsize="small")
-        ax.axis("off")
-    fig.suptitle(str(data["image_id"]), fontsize="small")
-    fig.tight_layout()
-    with PathManager.open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
