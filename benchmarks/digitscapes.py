@@ -4,8 +4,9 @@ their difference, all under the main job's protocol (plain cross-entropy, its op
 Variants (same backbone, decoder, data, seed and schedule; each differs from ``softmax`` / ``gmmseg`` only
 in what ``VARIANTS`` names): the class-balanced sampler (both heads), the authors' memory (32,000 slots
 started full of random unit vectors), flat stds, no component loss, fast means, the decode head at the
-backbone's learning rate (both heads; the main job uses the authors' 10x), K = 1, vanilla EM, no memory, the discriminative GMM (back-propagation), GMMs fitted after
-softmax training, and DeepLab's bootstrapped loss (both heads). GMM variants are scored with the paper's
+backbone's learning rate (both heads; the main job uses the authors' 10x), K = 1, vanilla EM, no memory,
+the discriminative GMM (back-propagation), GMMs fitted after softmax training, and DeepLab's bootstrapped
+loss (both heads). GMM variants are scored with the paper's
 ``gmm`` score and with ``gmm_fullres`` (the same score on embeddings upsampled to the input resolution).
 
 Each variant runs ``train_net.py`` in ``OUTPUT/<variant>/`` (``OUTPUT/<variant>_seed<N>/`` for seeds other
