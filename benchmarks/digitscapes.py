@@ -168,7 +168,7 @@ def run_variant(
     return json.loads((out / "inference" / "metrics.json").read_text())
 
 
-# DigitScapes' class groups (gmmseg.data.digitscapes): 4 stuff classes, then the 8 known digits
+# DigitScapes' class groups (gmmseg_datasets.digitscapes): 4 stuff classes, then the 8 known digits
 STUFF = ("sky", "water", "foliage", "building")
 DIGITS = tuple(f"digit {d}" for d in range(8))
 CLOSED_SET = ("mIoU", "stuff mIoU", "digit mIoU", "ECE")

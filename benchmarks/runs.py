@@ -38,7 +38,7 @@ def benchmark_env(quick: bool) -> dict:
     otherwise ``$DETECTRON2_DATASETS`` (default ``datasets/``), where DigitScapes is generated if missing."""
     env = {**os.environ, "GMMSEG_BENCH_FLAGS": "--quick" if quick else ""}
     if quick:
-        from gmmseg.data.digitscapes import generate_digitscapes
+        from gmmseg_datasets.digitscapes import generate_digitscapes
 
         datasets = Path(tempfile.mkdtemp(prefix="digitscapes-quick-"))
         generate_digitscapes(

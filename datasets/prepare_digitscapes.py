@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 try:
-    from gmmseg.data.digitscapes import DEFAULT_COUNTS, generate_digitscapes
+    from gmmseg_datasets.digitscapes import DEFAULT_COUNTS, generate_digitscapes
 except ImportError:  # not pip-installed: use the source tree next to this script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "GMMSeg"))
-    from gmmseg.data.digitscapes import DEFAULT_COUNTS, generate_digitscapes
+    from gmmseg_datasets.digitscapes import DEFAULT_COUNTS, generate_digitscapes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -54,7 +54,7 @@ def test_script_on_random_models_matches_scikit_learn(tmp_path):
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     from gmmseg import add_gmmseg_config
-    from gmmseg.data.digitscapes import generate_digitscapes
+    from gmmseg_datasets.digitscapes import generate_digitscapes
 
     datasets = tmp_path / "datasets"
     generate_digitscapes(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gmmseg.data.digitscapes import generate_digitscapes
+from gmmseg_datasets.digitscapes import generate_digitscapes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "digitscapes" / "deeplabv3plus_R18_gmmseg.yaml"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from gmmseg.data import digitscapes as ds
+from gmmseg_datasets import digitscapes as ds
 
 SMALL = {"train": 12, "val": 6, "anomaly_val": 6}
 SIZE = 64
@@ -148,7 +150,7 @@ def test_digit_scan_pools_disjoint_and_used_as_declared(small):
 
 def test_texture_sources_of_train_and_eval_are_disjoint():
     def rects(part):
-        return [(photo, r) for parts in ds._TEXTURE_REGIONS.values() for photo, r in parts[part]]
+        return [(photo, r) for parts in ds.TEXTURE_REGIONS.values() for photo, r in parts[part]]
 
     for photo_a, (a0, a1, a2, a3) in rects("train"):
         for photo_b, (b0, b1, b2, b3) in rects("eval"):
@@ -287,3 +289,13 @@ def test_cli(tmp_path, capsys):
     assert cli.main([*argv, "--seed", "3"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main([*argv, "--seed", "3", "--overwrite"]) == 0
+
+
+def test_generator_imports_neither_torch_nor_detectron2():
+    """The generator runs where only numpy, Pillow, OpenCV and scikit-learn are installed."""
+    code = (
+        "import sys, gmmseg_datasets.digitscapes; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'detectron2', 'gmmseg'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

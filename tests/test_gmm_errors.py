@@ -128,7 +128,7 @@ def test_script_reports_every_class_of_a_saved_model(tmp_path):
     from detectron2.modeling import build_model
 
     from gmmseg import add_gmmseg_config
-    from gmmseg.data.digitscapes import generate_digitscapes
+    from gmmseg_datasets.digitscapes import generate_digitscapes
 
     generate_digitscapes(str(tmp_path / "datasets"), seed=0, image_size=64, counts={"train": 2, "val": 3})
     cfg = get_cfg()

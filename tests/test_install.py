@@ -119,3 +119,15 @@ def test_maskformer2_patch_drops_url_requirements_and_the_cuda_extension(tmp_pat
     assert "ext_modules=[]," in text
     with pytest.raises(install.StepFailed, match="three URL requirements"):
         install._patch_maskformer2_setup(tmp_path)  # already patched: the sdist is not what we expect
+
+
+def test_every_project_package_is_installed_and_checked():
+    """setup.py installs each top-level package of projects/GMMSeg, and step_gmmseg checks each one, so an
+    environment installed before a package was added gets it on the next run."""
+    from setuptools import find_packages
+
+    top_level = {p for p in find_packages(str(REPO / "projects" / "GMMSeg")) if "." not in p}
+    assert set(install.PROJECT_PACKAGES) == top_level == {"gmmseg", "gmmseg_datasets"}
+    setup_text = (REPO / "setup.py").read_text()
+    for package in install.PROJECT_PACKAGES:
+        assert f'"{package}", "{package}.*"' in setup_text

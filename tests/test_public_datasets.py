@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,17 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 import gmmseg.d2  # noqa: F401  (registers the public datasets, as training does)
-from gmmseg.data import public_datasets as pd
+from gmmseg.data.datasets import (
+    PUBLIC_DATASET_NAMES,
+    register_all_public_datasets,
+    register_anomaly_datasets,
+)
+from gmmseg.data.datasets.register_coco_stuff import coco_stuff_categories
 from gmmseg.data.folder_dataset import DatasetFormatError, ensure_registered
+from gmmseg_datasets.ade20k import prepare_ade20k
+from gmmseg_datasets.cityscapes import cityscapes_ids_to_train_ids, prepare_cityscapes
+from gmmseg_datasets.coco_stuff import coco_stuff_lut, prepare_coco_stuff_164k
+from gmmseg_datasets.road_anomaly import prepare_road_anomaly
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 16, 24
@@ -24,7 +35,7 @@ H, W = 16, 24
 def data_root(tmp_path, monkeypatch) -> Path:
     """Point $DETECTRON2_DATASETS at an empty folder; the registered loaders read it at call time."""
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
-    pd.register_all_public_datasets()  # in case another test re-registered a name with a fixed root
+    register_all_public_datasets()  # in case another test re-registered a name with a fixed root
     return tmp_path
 
 
@@ -92,7 +103,7 @@ def test_cityscapes_label_ids_to_train_ids_agree_with_cityscapesscripts(data_roo
     ids = [lab.id for lab in labels]
     assert sorted(ids) == [-1, *range(34)]
     expected = {i: (id2label[i].trainId if 0 <= id2label[i].trainId < 255 else 255) for i in ids}
-    got = pd.cityscapes_ids_to_train_ids(np.array([ids], dtype=np.int16))[0]
+    got = cityscapes_ids_to_train_ids(np.array([ids], dtype=np.int16))[0]
     assert dict(zip(ids, got.tolist())) == expected
     assert sorted(v for v in expected.values() if v != 255) == list(range(19))
 
@@ -101,19 +112,19 @@ def test_cityscapes_label_ids_to_train_ids_agree_with_cityscapesscripts(data_roo
     _rgb(data_root / "cityscapes/leftImg8bit/train/bonn" / f"{frame}_leftImg8bit.png", size=(2, 17))
     label_ids = np.arange(34, dtype=np.uint8).reshape(2, 17)
     _gray(label_ids, data_root / "cityscapes/gtFine/train/bonn" / f"{frame}_gtFine_labelIds.png")
-    assert pd.prepare_cityscapes(splits=["train"], source="labelIds") == 1
+    assert prepare_cityscapes(splits=["train"], source="labelIds") == 1
     out = _load(data_root / "cityscapes/gtFine/train/bonn" / f"{frame}_gtFine_labelTrainIds.png")
     assert out.tolist() == np.vectorize(expected.get)(label_ids).tolist()
 
     with pytest.raises(DatasetFormatError, match="34, 255.*not Cityscapes labelIds"):
-        pd.cityscapes_ids_to_train_ids(np.array([[34, 255, 7]], dtype=np.uint8))
+        cityscapes_ids_to_train_ids(np.array([[34, 255, 7]], dtype=np.uint8))
 
 
 def test_cityscapes_prepare_matches_json2label_img_and_registers(data_root, tmp_path_factory):
     from cityscapesscripts.preparation.json2labelImg import json2labelImg
 
     _write_cityscapes(data_root)
-    assert pd.prepare_cityscapes() == 3
+    assert prepare_cityscapes() == 3
     reference_dir = tmp_path_factory.mktemp("reference")
     for split, frames in CITY_FRAMES.items():
         for frame in frames:
@@ -125,9 +136,7 @@ def test_cityscapes_prepare_matches_json2label_img_and_registers(data_root, tmp_
             json2labelImg(str(gt_city / f"{frame}_gtFine_polygons.json"), str(reference_dir / "i.png"), "ids")
             np.testing.assert_array_equal(ours, _load(reference_dir / "t.png"))  # official trainIds
             # labelIds -> trainIds gives the same file as rasterising the polygons
-            np.testing.assert_array_equal(
-                ours, pd.cityscapes_ids_to_train_ids(_load(reference_dir / "i.png"))
-            )
+            np.testing.assert_array_equal(ours, cityscapes_ids_to_train_ids(_load(reference_dir / "i.png")))
             assert set(np.unique(ours)) <= {0, 10, 13, 255}  # road, sky, car (cargroup -> car), ignore
 
     dicts = DatasetCatalog.get("cityscapes_fine_sem_seg_train")
@@ -157,24 +166,24 @@ def test_cityscapes_errors_name_the_path(data_root):
     with pytest.raises(
         DatasetFormatError, match=str(data_root / "cityscapes/gtFine/train") + ".*missing folder"
     ):
-        pd.prepare_cityscapes()
+        prepare_cityscapes()
 
     _write_cityscapes(data_root)
     label = data_root / "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelTrainIds.png"
     with pytest.raises(DatasetFormatError, match=f"{label}: missing label.*prepare_cityscapes.py"):
         DatasetCatalog.get("cityscapes_fine_sem_seg_val")
     with pytest.raises(DatasetFormatError, match="_gtFine_labelIds.png: missing"):
-        pd.prepare_cityscapes(source="labelIds")
+        prepare_cityscapes(source="labelIds")
 
     bad = data_root / "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_polygons.json"
     bad.write_text(
         json.dumps({"imgHeight": H, "imgWidth": W, "objects": [{"label": "dragon", "polygon": []}]})
     )
     with pytest.raises(DatasetFormatError, match=f"{bad}: unknown Cityscapes label 'dragon'"):
-        pd.prepare_cityscapes(splits=["val"])
+        prepare_cityscapes(splits=["val"])
     bad.write_text("{not json")
     with pytest.raises(DatasetFormatError, match=f"{bad}: not a Cityscapes polygon annotation"):
-        pd.prepare_cityscapes(splits=["val"])
+        prepare_cityscapes(splits=["val"])
 
 
 # --- ADE20K -----------------------------------------------------------------------------------------------
@@ -195,7 +204,7 @@ def test_ade20k_prepare_and_register(data_root):
     from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
     raw = _write_ade(data_root)
-    assert pd.prepare_ade20k() == 3
+    assert prepare_ade20k() == 3
     out = _load(data_root / "ADEChallengeData2016/annotations_detectron2/validation/ADE_val_00000001.png")
     np.testing.assert_array_equal(out, np.where(raw == 0, 255, raw - 1))
     assert out.max() == 255 and out[out != 255].max() == 149
@@ -218,19 +227,19 @@ def test_ade20k_errors_name_the_path(data_root):
     with pytest.raises(
         DatasetFormatError, match=str(data_root / "ADEChallengeData2016/annotations/training")
     ):
-        pd.prepare_ade20k()
+        prepare_ade20k()
     _write_ade(data_root)
     labels = data_root / "ADEChallengeData2016/annotations_detectron2/validation"
     with pytest.raises(DatasetFormatError, match=f"{labels}: missing folder.*prepare_ade20k_sem_seg.py"):
         DatasetCatalog.get("ade20k_sem_seg_val")
-    pd.prepare_ade20k()
+    prepare_ade20k()
     (labels / "ADE_val_00000001.png").unlink()
     with pytest.raises(DatasetFormatError, match=f"{labels / 'ADE_val_00000001.png'}: missing label"):
         DatasetCatalog.get("ade20k_sem_seg_val")
     bad = data_root / "ADEChallengeData2016/annotations/training/ADE_train_00000001.png"
     _gray(np.full((H, W), 151), bad)
     with pytest.raises(DatasetFormatError, match=f"{bad}: values 151 exceed 150"):
-        pd.prepare_ade20k()
+        prepare_ade20k()
 
 
 # --- COCO-Stuff-164k --------------------------------------------------------------------------------------
@@ -249,21 +258,21 @@ def _write_coco(root: Path) -> np.ndarray:
 
 
 def test_coco_stuff_class_list_is_the_standard_171():
-    cats = pd.coco_stuff_categories()
+    cats = coco_stuff_categories()
     ids = [c["id"] for c in cats]
     assert len(cats) == 171 and ids == sorted(ids) and len(set(c["name"] for c in cats)) == 171
     assert sorted(set(range(1, 183)) - set(ids)) == [12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91]
     by_name = {c["name"]: c["id"] for c in cats}
     assert (by_name["person"], by_name["toothbrush"], by_name["banner"]) == (1, 90, 92)
     assert (by_name["road"], by_name["sky-other"], by_name["tree"], by_name["wood"]) == (149, 157, 169, 182)
-    lut = pd.coco_stuff_lut()
+    lut = coco_stuff_lut()
     assert {v: int(lut[v]) for v in COCO_CASES} == COCO_CASES
     assert (lut[182:255] == -1).all()
 
 
 def test_coco_stuff_prepare_and_register(data_root):
     raw = _write_coco(data_root)
-    assert pd.prepare_coco_stuff_164k() == 3
+    assert prepare_coco_stuff_164k() == 3
     out = _load(data_root / "coco/stuffthingmaps_detectron2/val2017/000000000139.png")
     np.testing.assert_array_equal(out, np.vectorize(COCO_CASES.get)(raw))
 
@@ -280,17 +289,17 @@ def test_coco_stuff_prepare_and_register(data_root):
 
 def test_coco_stuff_errors_name_the_path(data_root):
     with pytest.raises(DatasetFormatError, match=str(data_root / "coco/stuffthingmaps/train2017")):
-        pd.prepare_coco_stuff_164k()
+        prepare_coco_stuff_164k()
     with pytest.raises(DatasetFormatError, match=str(data_root / "coco/val2017")):
         DatasetCatalog.get("coco_2017_val_stuff_sem_seg")
     _write_coco(data_root)
     bad = data_root / "coco/stuffthingmaps/val2017/000000000139.png"
     _gray(np.full((H, W), 200), bad)
     with pytest.raises(DatasetFormatError, match=f"{bad}: values 200 are no COCO-Stuff ids"):
-        pd.prepare_coco_stuff_164k()
+        prepare_coco_stuff_164k()
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(bad)
     with pytest.raises(DatasetFormatError, match=f"{bad}: expected a single-channel label PNG"):
-        pd.prepare_coco_stuff_164k()
+        prepare_coco_stuff_164k()
 
 
 # --- Fishyscapes ------------------------------------------------------------------------------------------
@@ -355,7 +364,7 @@ def _write_road_anomaly(root: Path) -> None:
 
 def test_road_anomaly_prepare_and_register(data_root):
     _write_road_anomaly(data_root)
-    assert pd.prepare_road_anomaly() == 3
+    assert prepare_road_anomaly() == 3
     for i, frame in enumerate(RA_FRAMES):
         ood = _load(data_root / "road_anomaly/labels" / f"{frame}.png")
         assert set(np.unique(ood)) == {0, 1} and int(ood.sum()) == (5 + i) * 9  # no void
@@ -373,24 +382,24 @@ def test_road_anomaly_errors_name_the_path(data_root):
     with pytest.raises(
         DatasetFormatError, match=str(data_root / "RoadAnomaly_jpg/frames") + ": missing folder"
     ):
-        pd.prepare_road_anomaly()
+        prepare_road_anomaly()
     with pytest.raises(DatasetFormatError, match=str(data_root / "road_anomaly/original")):
         DatasetCatalog.get("road_anomaly")
     _write_road_anomaly(data_root)
     label = data_root / "RoadAnomaly_jpg/frames" / f"{RA_FRAMES[1]}.labels" / "labels_semantic.png"
     _gray(np.full((H, W), 7), label)
     with pytest.raises(DatasetFormatError, match=f"{label}: values 7 are not Road Anomaly labels"):
-        pd.prepare_road_anomaly()
+        prepare_road_anomaly()
     label.unlink()
     with pytest.raises(DatasetFormatError, match=f"{label}: missing"):
-        pd.prepare_road_anomaly()
+        prepare_road_anomaly()
 
 
 # --- Shared behaviour -------------------------------------------------------------------------------------
 
 
 def test_all_names_registered_lazily_and_ensure_registered_returns(data_root):
-    for name in pd.PUBLIC_DATASET_NAMES:
+    for name in PUBLIC_DATASET_NAMES:
         ensure_registered(name)  # registered at import: returns without touching the (empty) root
         with pytest.raises(DatasetFormatError, match=str(data_root)):
             DatasetCatalog.get(name)  # fails on use, naming a path under $DETECTRON2_DATASETS
@@ -400,10 +409,10 @@ def test_explicit_root_and_prepare_scripts(tmp_path_factory, data_root, capsys):
     other = tmp_path_factory.mktemp("other_root")
     _write_fishyscapes(other, "fs_static", 2)
     try:
-        pd.register_anomaly_datasets(root=other)
+        register_anomaly_datasets(root=other)
         assert len(DatasetCatalog.get("fs_static_val")) == 2
     finally:
-        pd.register_all_public_datasets()
+        register_all_public_datasets()
     with pytest.raises(DatasetFormatError):
         DatasetCatalog.get("fs_static_val")  # back to $DETECTRON2_DATASETS (empty)
 
@@ -415,3 +424,10 @@ def test_explicit_root_and_prepare_scripts(tmp_path_factory, data_root, capsys):
     _write_road_anomaly(other)
     assert _script("prepare_road_anomaly").main(["--root", str(other)]) == 0
     assert len(list((other / "road_anomaly/labels").glob("*.png"))) == 3
+
+
+def test_runtime_package_does_not_load_the_offline_preparation():
+    """gmmseg registers the datasets; the conversions (gmmseg_datasets) are only for the prepare scripts."""
+    code = "import sys, gmmseg.d2; print(sorted(m for m in sys.modules if m.startswith('gmmseg_datasets')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

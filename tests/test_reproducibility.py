@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmmseg.data.digitscapes import generate_digitscapes
 from gmmseg.reproducibility import DEFAULT_BRANCH
+from gmmseg_datasets.digitscapes import generate_digitscapes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "digitscapes" / "deeplabv3plus_R18_gmmseg.yaml"

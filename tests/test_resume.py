@@ -13,10 +13,10 @@ from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
 from gmmseg import add_gmmseg_config
-from gmmseg.data.digitscapes import generate_digitscapes
 from gmmseg.data.folder_dataset import register_folder_dataset
 from gmmseg.engine import GMMSegTrainer
 from gmmseg.engine.hooks import GMMEMHook
+from gmmseg_datasets.digitscapes import generate_digitscapes
 
 REPO = Path(__file__).resolve().parent.parent
 

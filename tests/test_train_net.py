@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmmseg.data.digitscapes import DIGITSCAPES_CLASSES, generate_digitscapes
+from gmmseg_datasets.digitscapes import DIGITSCAPES_CLASSES, generate_digitscapes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "digitscapes"

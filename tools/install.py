@@ -39,6 +39,8 @@ TORCH_PACKAGES = ("torch", "torchvision")
 DETECTRON2_SDIST = "pb1-detectron2"
 # installed without their declared dependencies, after detectron2 (see requirements/pins.txt)
 NO_DEPS_PACKAGES = ("maskformer2", "timm")
+# the top-level packages under projects/GMMSeg that ``pip install -e .`` installs (setup.py)
+PROJECT_PACKAGES = ("gmmseg", "gmmseg_datasets")
 
 
 class StepFailed(RuntimeError):
@@ -386,10 +388,17 @@ def step_mask2former(python: Path, pins: dict[str, str]) -> None:
 
 
 def step_gmmseg(python: Path) -> None:
-    ok, line = probe(python, "import gmmseg, os; print(os.path.realpath(gmmseg.__file__))")
-    expected = str((REPO / "projects" / "GMMSeg" / "gmmseg" / "__init__.py").resolve())
+    # every package must come from this checkout: an install made before a package was added lacks it
+    ok, line = probe(
+        python,
+        f"import importlib, os; print(*(os.path.realpath(importlib.import_module(p).__file__) "
+        f"for p in {list(PROJECT_PACKAGES)!r}))",
+    )
+    expected = " ".join(
+        str((REPO / "projects" / "GMMSeg" / p / "__init__.py").resolve()) for p in PROJECT_PACKAGES
+    )
     if ok and line == expected:
-        log("gmmseg: installed (editable) from this checkout")
+        log(f"{', '.join(PROJECT_PACKAGES)}: installed (editable) from this checkout")
         return
     run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)],

@@ -7,8 +7,8 @@ dataset folder found under ``$DETECTRON2_DATASETS`` (default ``./datasets``) in 
 from gmmseg import modeling  # noqa: F401  (registers meta-architectures and heads)
 from gmmseg.config import add_gmmseg_config, validate_gmmseg_config
 from gmmseg.data.dataset_mapper import SemanticDatasetMapper
+from gmmseg.data.datasets import register_all_public_datasets
 from gmmseg.data.folder_dataset import register_all_folder_datasets, register_folder_dataset
-from gmmseg.data.public_datasets import register_all_public_datasets
 from gmmseg.evaluation.sem_seg import SemSegEvaluator
 
 register_all_folder_datasets()

@@ -1,2 +1,3 @@
-"""Datasets and data mapping. ``gmmseg.data.digitscapes`` (the generator) imports no Detectron2; the rest is
-Detectron2 glue and is loaded through ``gmmseg.d2``."""
+"""Datasets and data mapping: Detectron2 glue, loaded through ``gmmseg.d2``. ``gmmseg.data.datasets``
+registers the paper's public datasets; generating or converting datasets offline is the separate
+``gmmseg_datasets`` package, which this runtime package never imports."""
