@@ -8,7 +8,9 @@ plot shows val mIoU against iterations for both heads, with the T runs' final va
 Writes ``OUTPUT/<name>.md`` (the table), ``.json`` and ``.png`` (the curves).
 
 Usage: ``python benchmarks/convergence.py [--factor 2] [--eval-period N]
-[--iters T] [--only softmax|gmmseg] [--output output/benchmark_digitscapes] [--name convergence] [--quick]``.
+[--iters T] [--main-iters N] [--only softmax|gmmseg] [--output output/benchmark_digitscapes]
+[--name convergence] [--quick]``. The main job (``tools/main.sh``) trains 800 iterations of the configs'
+protocol: ``--iters 800 --main-iters 800 --output output/benchmark_digitscapes_it800`` checks that schedule.
 ``--only`` lets the two heads train in two processes at once; a last call without it, which reuses every
 finished run, writes the table for both.
 """
@@ -79,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--factor", type=int, default=2, help="the long schedule is this many times T")
-    parser.add_argument("--iters", type=int, default=None, help="T (default: the main job's schedule)")
+    parser.add_argument("--iters", type=int, default=None, help="T (default: --main-iters)")
+    parser.add_argument(
+        "--main-iters",
+        type=int,
+        default=None,
+        help="the schedule whose runs are digitscapes.py's own in the same --output, trained as "
+        "`digitscapes.py --iters N` trains them (default: the configs')",
+    )
     parser.add_argument("--eval-period", type=int, default=500, help="of the runs other than the main job's")
     parser.add_argument("--only", nargs="+", choices=["softmax", "gmmseg"], default=None)
     parser.add_argument("--tolerance", type=float, default=1.0, help="mIoU points")
@@ -90,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
     env = benchmark_env(args.quick)
-    main_iters = 4 if args.quick else bench.config_iters(bench.GMMSEG)
+    config_iters = bench.config_iters(bench.GMMSEG)
+    main_iters = 4 if args.quick else (args.main_iters or config_iters)
     short = args.iters or main_iters
     long = short * args.factor
     names = [n for n in bench.HEADLINE if n in (args.only or bench.HEADLINE)]
@@ -102,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         """The main job's own run (shared with digitscapes.py) at its schedule; otherwise a run evaluated
         every ``--eval-period`` iterations (which does not change its training)."""
         if iters == main_iters:
-            opts = bench.schedule_overrides(iters if args.quick else None, args.quick)
+            schedule = None if iters == config_iters and not args.quick else iters
+            opts = bench.schedule_overrides(schedule, args.quick)
             return bench.run_variant(name, root, opts, env, progress, iters), bench.run_dir(root, name, 0)
         config, extra, _ = bench.VARIANTS[name]
         opts = bench.schedule_overrides(iters, args.quick) + ["TEST.EVAL_PERIOD", str(args.eval_period)]
