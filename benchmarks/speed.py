@@ -4,8 +4,9 @@
    class posteriors at the input resolution and one anomaly score (GMMSeg: ``-max_c log p(x|c)``;
    softmax: MSP). Median time and peak extra memory of the call, for each softmax / GMM pair of configs.
 2. One training step (forward, backward, optimizer step) on a batch of 512x512 crops, for the softmax and
-   the GMM model, and the cost of the GMM's EM hook after it: the E-step and enqueue of every step, the
-   M-step (every ``MODEL.GMM.UPDATE_INTERVAL`` steps) and their per-step average.
+   the GMM model, and the cost of its online EM (``OnlineGMM``) on the step's EM batch: the E-step (which
+   the GMM step's loss already runs, once, in training) and enqueue of every step, the M-step (every
+   ``MODEL.GMM.UPDATE_INTERVAL`` steps) and their per-step average.
 3. The GMM core against the reference formulation (``benchmarks/gmm_core.py``'s two tables).
 
 All ratios in a table come from the same run on the same machine. Timing: the softmax and the GMM model
@@ -163,7 +164,7 @@ def bench_inference(pairs, device: torch.device, size, repeats: int, threads: in
 
 
 def bench_training(pairs, device: torch.device, size, batch: int, repeats: int) -> list[dict]:
-    """Training steps of the two models of a pair interleaved, then the EM hook on the GMM model's batch."""
+    """Training steps of the two models of a pair interleaved, then the online EM on the GMM model's batch."""
     from gmmseg.engine.hooks import GMMEMHook, find_gmm_predictors
     from gmmseg.solver import build_optimizer
 
@@ -196,22 +197,24 @@ def bench_training(pairs, device: torch.device, size, batch: int, repeats: int) 
             "ratio_range": timing["ratio_range"],
         }
         predictor = find_gmm_predictors(model)[0]
-        hook = GMMEMHook.from_config(cfg, predictor)
-        step()  # leaves this step's EM batch in the predictor
-        batch_em = predictor.pop_em_batch()
+        online = GMMEMHook.from_config(cfg, predictor).online
+        received = []
+        predictor.em_observer = received.append
+        step()  # hands this step's EM batch to the observer
+        batch_em = received[-1]
 
-        def em_update(h=hook, b=batch_em):
-            h.update(b["embeddings"], b["labels"], b["correct"])
+        def em_update(o=online, b=batch_em):  # E-step (as in the loss) + enqueue
+            o.observe(b.embeddings, b.labels, b.correct)
 
-        def m_step(h=hook):
-            h.seen.fill_(True)  # every class updated: the worst case
-            h._m_step()
+        def m_step(o=online):
+            o.seen.fill_(True)  # every class updated: the worst case
+            o.maximise()
 
         row["e_step_enqueue"] = gmm_core.time_call(em_update, device, repeats)
         row["m_step"] = gmm_core.time_call(m_step, device, repeats)
         row["interval"] = cfg.MODEL.GMM.UPDATE_INTERVAL
         row["hook"] = row["e_step_enqueue"] + row["m_step"] / row["interval"]
-        row["pixels"] = int(batch_em["labels"].numel())
+        row["pixels"] = int(batch_em.labels.numel())
         rows.append(row)
         del setups, model, step
     return rows

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
@@ -52,10 +53,18 @@ def test_heads_are_registered_and_built(model):
     )
 
 
+def _received(predictor) -> list:
+    """Subscribe a list to the predictor's EM channel (``em_observer``); it receives each EM batch."""
+    received = []
+    predictor.em_observer = received.append
+    return received
+
+
 def test_backward_reaches_projection_not_mixtures(model):
     model.train()
     model.zero_grad()
     means_before = model.sem_seg_head.gmm_predictor.gmm.means.clone()
+    received = _received(model.sem_seg_head.gmm_predictor)
     losses = model(_batch())
     assert set(losses) == {"loss_sem_seg", "loss_gmm_component"}
     assert all(torch.isfinite(v) for v in losses.values())
@@ -69,10 +78,35 @@ def test_backward_reaches_projection_not_mixtures(model):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     opt.step()
     assert torch.equal(predictor.gmm.means, means_before)  # only EM moves the mixtures
-    batch = predictor.pop_em_batch()
-    assert batch["embeddings"].shape[1] == 64 and batch["labels"].shape == batch["correct"].shape
-    assert torch.allclose(batch["embeddings"].norm(dim=1), torch.ones(len(batch["labels"])), atol=1e-5)
-    assert predictor.pop_em_batch() is None
+    assert len(received) == 1  # one EM batch per training step
+    batch = received[0]
+    assert batch.embeddings.shape[1] == 64 and batch.labels.shape == batch.correct.shape
+    assert batch.assignment.shape == batch.labels.shape and not batch.embeddings.requires_grad
+    assert torch.allclose(batch.embeddings.norm(dim=1), torch.ones(len(batch.labels)), atol=1e-5)
+    predictor.em_observer = None
+
+
+def test_one_e_step_gives_the_component_loss_targets_and_the_em_batch():
+    """The assignments handed to the online EM are the component loss's targets: the loss recomputed
+    from the EM batch alone (every labelled pixel is in it) equals the model's; and they are the E-step
+    of those pixels (Sinkhorn per class over the batch's pixels)."""
+    torch.manual_seed(0)
+    m = build_model(_cfg())
+    m.train()
+    predictor = m.sem_seg_head.gmm_predictor
+    received = _received(predictor)
+    labels = torch.randint(0, NUM_CLASSES, (2, 64, 64), generator=torch.Generator().manual_seed(1))
+    labels[:, :8] = 255  # some ignored pixels
+    losses = m(_batch(labels=labels))
+    (batch,) = received
+    assert len(batch.labels) == 2 * 16 * 16 - 2 * 2 * 16  # the stride-4 pixels not ignored
+    assert (batch.assignment >= 0).all() and (batch.assignment < predictor.num_components).all()
+    with torch.no_grad():
+        component = predictor.gmm.component_log_prob(batch.embeddings)
+        target = batch.labels * predictor.num_components + batch.assignment
+        expected = F.cross_entropy(component.flatten(1), target) * predictor.component_loss_weight
+        assert torch.equal(predictor.e_step.assign(component, batch.labels), batch.assignment)
+    torch.testing.assert_close(losses["loss_gmm_component"].detach(), expected)
 
 
 def test_component_loss_weight_scales_the_component_loss():
@@ -145,24 +179,26 @@ def test_degenerate_batches_give_finite_losses_and_gradients(labels):
     torch.manual_seed(0)
     m = build_model(_cfg())
     m.train()
+    received = _received(m.sem_seg_head.gmm_predictor)
     losses = m(_batch(labels=labels))
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
-    batch = m.sem_seg_head.gmm_predictor.pop_em_batch()
-    assert set(batch["labels"].unique().tolist()) <= {3}
+    (batch,) = received
+    assert set(batch.labels.unique().tolist()) <= {3}
 
 
 def test_discriminative_variant_learns_the_mixtures_by_backprop_without_the_em_hook():
     """MODEL.GMM.FIT backprop (the paper's "discriminative GMMSeg"): means and stds are parameters that
-    the loss moves; no EM batch is kept and GMMSegTrainer adds no GMMEMHook."""
+    the loss moves; no EM batch is handed over and GMMSegTrainer adds no GMMEMHook."""
     cfg = _cfg()
     cfg.MODEL.GMM.FIT = "backprop"
     torch.manual_seed(0)
     m = build_model(cfg)
     m.train()
     gmm = m.sem_seg_head.gmm_predictor.gmm
+    received = _received(m.sem_seg_head.gmm_predictor)
     names = {n for n, _ in m.named_parameters()}
     assert {"sem_seg_head.gmm_predictor.gmm.means", "sem_seg_head.gmm_predictor.gmm.stds"} <= names
     before = gmm.means.detach().clone(), gmm.stds.detach().clone()
@@ -170,7 +206,7 @@ def test_discriminative_variant_learns_the_mixtures_by_backprop_without_the_em_h
     assert gmm.means.grad.abs().sum() > 0 and gmm.stds.grad.abs().sum() > 0
     torch.optim.SGD(m.parameters(), lr=0.5).step()
     assert not torch.equal(gmm.means, before[0]) and not torch.equal(gmm.stds, before[1])
-    assert m.sem_seg_head.gmm_predictor.pop_em_batch() is None
+    assert received == []
     # where they are used, means have unit length and stds respect the floor
     with torch.no_grad():
         gmm.stds.fill_(-3.0)

@@ -144,53 +144,59 @@ def test_matched_queries_fill_the_memory():
     model = tiny_model()
     model.train()
     predictor = find_gmm_predictors(model)[0]
-    seen = []
+    seen, received = [], []
     predictor.register_forward_hook(lambda module, args, out: seen.append(out))
+    predictor.em_observer = received.append
     inputs = batch()
     model(inputs)
-    em = predictor.pop_em_batch()
+    (em,) = received  # one EM batch per step: the last decoder layer's queries
     last = seen[-1]  # the last decoder layer's GMM outputs
     no_object = NUM_CLASSES
-    assert em["embeddings"].shape == (2 * NUM_QUERIES, 8)
-    assert torch.equal(em["embeddings"], last["embeddings"].detach().reshape(-1, 8))
-    labels = em["labels"].reshape(2, NUM_QUERIES)
+    assert em.embeddings.shape == (2 * NUM_QUERIES, 8)
+    assert torch.equal(em.embeddings, last["embeddings"].detach().reshape(-1, 8))
+    labels = em.labels.reshape(2, NUM_QUERIES)
     for image_labels, x in zip(labels, inputs):
         matched = image_labels[image_labels != no_object].tolist()
         # the Hungarian matching gives each class present exactly one query; the rest are "no object"
         assert sorted(matched) == sorted(present_classes(x["sem_seg"]))
     prediction = last["logits"].argmax(-1).reshape(-1)
-    assert torch.equal(em["correct"], prediction == em["labels"])
+    assert torch.equal(em.correct, prediction == em.labels)
+    component = last["component_log_prob"].detach().reshape(-1, NUM_CLASSES + 1, 2)
+    assert torch.equal(em.assignment, predictor.e_step.assign(component, em.labels))
 
-    # the hook enqueues them by label (here all, not only the correctly classified ones)
-    predictor.enqueue_correct_only = False
-    hook = GMMEMHook(predictor, capacity=50, max_per_step=20)
-    written, classes = hook.update(em["embeddings"], em["labels"], em["correct"])
+    # the online EM enqueues them by label (here all, not only the correctly classified ones)
+    hook = GMMEMHook(predictor, capacity=50, max_per_step=20, enqueue_correct_only=False)
+    written, classes = hook.online.observe(em.embeddings, em.labels, em.correct, em.assignment)
     assert written == 2 * NUM_QUERIES and classes == NUM_CLASSES + 1
-    counts = hook.memory.count.sum(dim=1)  # per class
-    expected = torch.bincount(em["labels"], minlength=NUM_CLASSES + 1)
+    memory = hook.online.memory
+    counts = memory.count.sum(dim=1)  # per class
+    expected = torch.bincount(em.labels, minlength=NUM_CLASSES + 1)
     assert torch.equal(counts.cpu(), expected)
     # a class with a single matched query holds exactly that query's embedding
     single = [c for c in range(NUM_CLASSES) if expected[c] == 1][0]
-    k = int(hook.memory.count[single].argmax())
-    stored = hook.memory.features[single, k, 0].float()
-    assert torch.allclose(stored, em["embeddings"][em["labels"] == single][0])
+    k = int(memory.count[single].argmax())
+    stored = memory.features[single, k, 0].float()
+    assert torch.allclose(stored, em.embeddings[em.labels == single][0])
 
 
 def test_correct_only_enqueue_and_em_step_update_the_query_mixtures():
     model = tiny_model()
     model.train()
     predictor = find_gmm_predictors(model)[0]
-    assert predictor.enqueue_correct_only is False  # the Mask2Former configs enqueue every matched query
-    predictor.enqueue_correct_only = True  # the pixel heads' filter still works here
+    # the Mask2Former configs enqueue every matched query
+    assert GMMEMHook.from_config(tiny_cfg(), predictor).online.enqueue_correct_only is False
+    # the pixel heads' filter still works here
+    hook = GMMEMHook(predictor, capacity=50, max_per_step=20, interval=1, enqueue_correct_only=True)
+    received = []
+    predictor.em_observer = received.append
     model(batch())
-    em = predictor.pop_em_batch()
-    hook = GMMEMHook(predictor, capacity=50, max_per_step=20, interval=1)
-    written, _ = hook.update(em["embeddings"], em["labels"], em["correct"])
-    assert written == int(em["correct"].sum())
+    (em,) = received
+    written, _ = hook.online.observe(em.embeddings, em.labels, em.correct, em.assignment)
+    assert written == int(em.correct.sum())
     before = predictor.gmm.means.clone()
-    hook._m_step()
+    hook.online.maximise()
     changed = (predictor.gmm.means != before).any(-1).any(-1)
-    assert torch.equal(changed, hook.memory.count.sum(1) > 0)
+    assert torch.equal(changed, hook.online.memory.count.sum(1) > 0)
 
 
 @pytest.mark.parametrize("kind", ["gmmseg", "softmax"])
@@ -264,10 +270,9 @@ def test_checkpoint_round_trip(tmp_path):
     predictor = find_gmm_predictors(model)[0]
     hook = GMMEMHook(predictor, capacity=50, max_per_step=20, interval=1)
     for seed in range(2):
-        model(batch(seed))
-        em = predictor.pop_em_batch()
-        hook.update(em["embeddings"], em["labels"], em["correct"])
-        hook._m_step()
+        model(batch(seed))  # its losses hand the EM batch to the hook, which enqueues it
+        hook.online.maximise()
+    assert int(hook.online.memory.count.sum()) > 0
     DetectionCheckpointer(model, str(tmp_path), hook=hook).save("ckpt", hook=hook.state_dict())
 
     other = tiny_model(seed=1)
@@ -280,8 +285,8 @@ def test_checkpoint_round_trip(tmp_path):
     state, loaded = model.state_dict(), other.state_dict()
     assert state.keys() == loaded.keys()
     assert all(torch.equal(state[k], loaded[k]) for k in state)
-    assert torch.equal(other_hook.memory.features, hook.memory.features)
-    assert torch.equal(other_hook.memory.count, hook.memory.count)
+    assert torch.equal(other_hook.online.memory.features, hook.online.memory.features)
+    assert torch.equal(other_hook.online.memory.count, hook.online.memory.count)
     model.eval(), other.eval()
     with torch.no_grad():
         a, b = model(batch(5)), other(batch(5))

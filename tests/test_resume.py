@@ -1,6 +1,7 @@
 """An interrupted GMMSeg run resumed with --resume ends bit-identical to an uninterrupted one (CPU, fixed
 seed): model weights, GMM means/stds, memory, optimizer state; for DeepLabV3+ and for Mask2Former (whose
-Hungarian matcher samples points from the global RNG)."""
+Hungarian matcher samples points from the global RNG), and from a checkpoint whose online-EM state is in
+the layout of release 0.1.0."""
 
 from __future__ import annotations
 
@@ -82,15 +83,36 @@ def _train(cfg, resume: bool, crash_at: int | None = None) -> GMMSegTrainer:
 def _state(trainer: GMMSegTrainer) -> dict[str, torch.Tensor]:
     state = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
     hook = next(h for h in trainer._hooks if isinstance(h, GMMEMHook))
-    state.update({f"memory.{k}": v for k, v in hook.memory.state_dict().items()})
+    state.update({f"em.{k}": v for k, v in hook.online.state_dict().items()})
     opt = trainer.optimizer.state_dict()["state"]
     state.update({f"opt.{i}.{k}": v for i, s in opt.items() for k, v in s.items() if torch.is_tensor(v)})
     return state
 
 
+def _to_release_0_1_0_layout(checkpoint: Path) -> None:
+    """Rewrite the checkpoint's GMMEMHook state as release 0.1.0 saved it (its key names, by hand)."""
+    data = torch.load(checkpoint, weights_only=True)
+    state = data["trainer"]["hooks"]["GMMEMHook"]
+    names = ("features", "ptr", "count", "sums", "sq_sums")
+    data["trainer"]["hooks"]["GMMEMHook"] = {
+        "memory": {name: state[f"memory.{name}"] for name in names},
+        "seen": state["seen"],
+        "generator": state.get("sampling_generator"),
+    }
+    assert set(state) - {"sampling_generator"} == {f"memory.{name}" for name in names} | {"seen"}
+    torch.save(data, checkpoint)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["deeplabv3plus_R18_gmmseg.yaml", "mask2former_R18_gmmseg.yaml"])
-def test_interrupt_and_resume_equals_uninterrupted(tmp_path, config):
+@pytest.mark.parametrize(
+    "config, layout",
+    [
+        ("deeplabv3plus_R18_gmmseg.yaml", "current"),
+        ("deeplabv3plus_R18_gmmseg.yaml", "0.1.0"),
+        ("mask2former_R18_gmmseg.yaml", "current"),
+    ],
+)
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, config, layout):
     root = tmp_path / "datasets"
     register_folder_dataset(
         generate_digitscapes(str(root), image_size=64, counts={"train": 10, "val": 0, "anomaly_val": 0})
@@ -100,6 +122,8 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, config):
     crashed_cfg = _cfg(tmp_path / "crashed", config)
     _train(crashed_cfg, resume=False, crash_at=5)  # checkpoint written after iteration 3, crash in 5
     assert (tmp_path / "crashed" / "last_checkpoint").read_text().strip() == "model_0000003.pth"
+    if layout == "0.1.0":
+        _to_release_0_1_0_layout(tmp_path / "crashed" / "model_0000003.pth")
     resumed = _train(crashed_cfg, resume=True)
     assert resumed.start_iter == 4
     after = _state(resumed)
@@ -107,4 +131,4 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, config):
     assert set(after) == set(straight)
     different = [k for k in straight if not torch.equal(straight[k], after[k])]
     assert not different, different
-    assert int(after["memory.count"].sum()) > 0
+    assert int(after["em.memory.count"].sum()) > 0

@@ -176,7 +176,7 @@ def test_train_checkpoint_resume_and_eval_only(tiny_digitscapes, tmp_path, confi
             else "sem_seg_head.gmm_predictor.gmm.means"
         )
         assert mixtures in checkpoint["model"]
-        assert int(hooks["GMMEMHook"]["memory"]["count"].sum()) > 0
+        assert int(hooks["GMMEMHook"]["memory.count"].sum()) > 0
         assert "GMM memory restored" in log
     else:
         assert "GMMEMHook" not in hooks
@@ -195,9 +195,9 @@ def test_ablation_variants_train(tiny_digitscapes, tmp_path):
         config,
     )
     hooks = torch.load(out / "model_final.pth", weights_only=True)["trainer"]["hooks"]
-    memory = hooks["GMMEMHook"]["memory"]
-    assert memory["features"].shape[2] == 2 * 20  # room for UPDATE_INTERVAL steps of MEMORY_PER_STEP
-    assert int(memory["count"].sum()) == 0  # emptied by the M-step after the last iteration
+    online = hooks["GMMEMHook"]
+    assert online["memory.features"].shape[2] == 2 * 20  # room for UPDATE_INTERVAL steps of MEMORY_PER_STEP
+    assert int(online["memory.count"].sum()) == 0  # emptied by the M-step after the last iteration
 
     out = tmp_path / "backprop"
     _run(

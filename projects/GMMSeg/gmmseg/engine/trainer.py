@@ -158,7 +158,8 @@ class GMMSegTrainer(DefaultTrainer):
 
     def build_hooks(self):
         """Detectron2's hooks plus, before the checkpointer (so checkpoints hold this step's memory),
-        the RNG-state hook and, for GMM models, the EM hook that owns the memory."""
+        the RNG-state hook and, for GMM models, the online-EM hook (``GMMEMHook``; its ``OnlineGMM``
+        holds the memory)."""
         hook_list = super().build_hooks()
         extra = [RNGStateHook()]
         # mixtures learned by back-propagation (MODEL.GMM.FIT backprop) need no memory and no EM

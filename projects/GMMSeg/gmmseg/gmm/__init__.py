@@ -4,12 +4,16 @@ from .classifier import GaussianMixtureClassifier, unfitted_std
 from .em import GMMFit, e_step, fit_gmm, kmeans_plusplus, m_step, m_step_from_statistics
 from .gaussian import diag_gaussian_log_prob
 from .memory import FeatureMemory, gather_from_all_processes, linspace_indices
+from .online_em import EMBatch, EStep, OnlineGMM
 from .sinkhorn import normalize_by_max_abs, sinkhorn
 
 __all__ = [
+    "EMBatch",
+    "EStep",
     "FeatureMemory",
     "GMMFit",
     "GaussianMixtureClassifier",
+    "OnlineGMM",
     "diag_gaussian_log_prob",
     "e_step",
     "fit_gmm",

@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .em import m_step
 from .gaussian import diag_gaussian_log_prob
-from .memory import FeatureMemory
 
 __all__ = ["GaussianMixtureClassifier", "unfitted_std"]
 
@@ -33,10 +31,11 @@ def unfitted_std(dim: int, var_floor: float = 0.01) -> float:
 class GaussianMixtureClassifier(nn.Module):
     """Class scores ``log p(x | c)`` from C mixtures of K diagonal Gaussians in D dims.
 
-    ``means`` and ``stds`` (C, K, D) are buffers: they get no gradient and are fitted only by EM (see
-    ``update_from_memory``); the gradient flows to the features ``x``. ``trainable=True`` makes them
-    parameters learned by back-propagation instead (the paper's "discriminative GMMSeg" ablation); means
-    are then L2-normalised and stds floored at ``min_std`` where they are used.
+    ``means`` and ``stds`` (C, K, D) are buffers: they get no gradient and are fitted only by EM
+    (``OnlineGMM`` writes them through ``update_parameters``); the gradient flows to the features ``x``.
+    ``trainable=True`` makes them parameters learned by back-propagation instead (the paper's
+    "discriminative GMMSeg" ablation); means are then L2-normalised and stds floored at ``min_std`` where
+    they are used.
 
     ``score="wta"`` (default, as the reference) scores a class by its best component,
     ``max_k log N(x | mu_ck, s_ck)``; ``score="mixture"`` by the uniform mixture,
@@ -132,26 +131,3 @@ class GaussianMixtureClassifier(nn.Module):
             )
         self.means.copy_(means)
         self.stds.copy_(stds)
-
-    @torch.no_grad()
-    def update_from_memory(
-        self,
-        memory: FeatureMemory,
-        *,
-        mean_momentum: float = 0.999,
-        cov_momentum: float = 0.0,
-        var_floor: float = 0.01,
-        exact: bool = False,
-    ) -> Tuple[Tensor, Tensor]:
-        """Run the M-step (``gmm.em.m_step``) on ``memory`` and store the result; returns it too."""
-        means, stds = m_step(
-            memory,
-            self.means,
-            self.stds,
-            mean_momentum=mean_momentum,
-            cov_momentum=cov_momentum,
-            var_floor=var_floor,
-            exact=exact,
-        )
-        self.update_parameters(means, stds)
-        return means, stds

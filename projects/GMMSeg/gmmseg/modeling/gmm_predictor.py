@@ -6,12 +6,15 @@ Data flow (one way): decoder features -> 1x1 projection (+norm +ReLU) -> LayerNo
 reference) -> logits. Training back-propagates the cross-entropy of the logits (and a small cross-entropy
 over the C*K components) into the embeddings only: the mixture parameters are buffers, fitted by EM.
 
-The labelled embeddings of each training step, with their classes and whether they were classified
-correctly, are handed to ``GMMEMHook`` through ``pop_em_batch``; the hook, which owns the memory and the EM
-update, never needs a second forward pass.
+The predictor is a scorer: it neither holds nor updates the memory. Its losses run the step's one E-step
+(``e_step``, whose assignments are the component loss's targets) and hand the labelled embeddings with
+those assignments, their classes and whether they were classified correctly, as an ``EMBatch``, to
+``em_observer``: whoever fits the mixtures (``GMMEMHook``, which passes it on to ``gmm.OnlineGMM``).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,7 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.projects.deeplab.loss import DeepLabCE
 from torch import Tensor, nn
 
-from gmmseg.gmm import GaussianMixtureClassifier, e_step, unfitted_std
+from gmmseg.gmm import EMBatch, EStep, GaussianMixtureClassifier, unfitted_std
 
 __all__ = ["GMMPredictor", "GMMPredictorBase", "QueryGMMPredictor"]
 
@@ -29,11 +32,14 @@ class GMMPredictorBase(nn.Module):
     """The part of a model that scores embeddings with class mixtures; what ``GMMEMHook`` works with.
 
     Holds the mixtures (``gmm``: ``num_classes`` mixtures of ``num_components`` Gaussians in ``embed_dim``
-    dims, buffers fitted only by EM), the normalisation of the class scores into logits, the E-step used
-    for the memory and the component loss, and the hand-over of each training step's labelled
-    embeddings to the hook (``store_em_batch`` / ``pop_em_batch``). Subclasses say what is embedded:
-    pixels (``GMMPredictor``) or Mask2Former queries (``QueryGMMPredictor``).
+    dims, buffers fitted only by EM), the normalisation of the class scores into logits, and the E-step
+    (``e_step``) of the component loss. In training, its losses give each step's ``EMBatch`` to
+    ``em_observer`` when one is set (and the mixtures are fitted by EM): the one channel from the model to
+    the online EM. Subclasses say what is embedded: pixels (``GMMPredictor``) or Mask2Former queries
+    (``QueryGMMPredictor``).
     """
+
+    em_observer: Callable[[EMBatch], None] | None
 
     def __init__(
         self,
@@ -44,15 +50,13 @@ class GMMPredictorBase(nn.Module):
         class_score: str = "wta",
         logit_norm: str = "layernorm",
         logit_norm_init_scale: float = 1.0,
-        e_step_method: str = "sinkhorn",
-        sinkhorn_epsilon: float = 0.05,
-        sinkhorn_iters: int = 3,
+        e_step: EStep | None = None,
         component_loss_weight: float = 0.01,
-        enqueue_correct_only: bool = True,
         fit: str = "em",
         initial_std: float | None = None,
     ) -> None:
-        """``initial_std``: the mixtures' stds before their first M-step (default ``unfitted_std``)."""
+        """``e_step``: the E-step settings (default ``EStep()``: Sinkhorn); ``initial_std``: the mixtures'
+        stds before their first M-step (default ``unfitted_std``)."""
         super().__init__()
         if fit not in ("em", "backprop"):
             raise ValueError(f"fit must be 'em' or 'backprop', got {fit!r}")
@@ -60,13 +64,10 @@ class GMMPredictorBase(nn.Module):
         self.num_classes = num_classes
         self.num_components = num_components
         self.embed_dim = embed_dim
-        self.e_step_method = e_step_method
-        self.sinkhorn_epsilon = sinkhorn_epsilon
-        self.sinkhorn_iters = sinkhorn_iters
+        self.e_step = e_step if e_step is not None else EStep()
         self.component_loss_weight = component_loss_weight
-        self.enqueue_correct_only = enqueue_correct_only
         self._scoring_args = (class_score, logit_norm, logit_norm_init_scale, initial_std)
-        self._em_batch: dict[str, Tensor] | None = None
+        self.em_observer = None
 
     def _build_scoring(self) -> None:
         """Create the mixtures and the logit normalisation. Subclasses call it after building their
@@ -87,7 +88,8 @@ class GMMPredictorBase(nn.Module):
 
     @staticmethod
     def gmm_kwargs(cfg: CfgNode) -> dict:
-        """The constructor arguments that come from ``MODEL.GMM``."""
+        """The constructor arguments that come from ``MODEL.GMM`` (the memory and M-step settings are the
+        online EM's: ``GMMEMHook.from_config``)."""
         gmm = cfg.MODEL.GMM
         return {
             "embed_dim": gmm.EMBED_DIM,
@@ -95,11 +97,8 @@ class GMMPredictorBase(nn.Module):
             "class_score": gmm.CLASS_SCORE,
             "logit_norm": gmm.LOGIT_NORM,
             "logit_norm_init_scale": gmm.LOGIT_NORM_INIT_SCALE,
-            "e_step_method": gmm.E_STEP,
-            "sinkhorn_epsilon": gmm.SINKHORN_EPSILON,
-            "sinkhorn_iters": gmm.SINKHORN_ITERS,
+            "e_step": EStep(gmm.E_STEP, gmm.SINKHORN_EPSILON, gmm.SINKHORN_ITERS),
             "component_loss_weight": gmm.COMPONENT_LOSS_WEIGHT,
-            "enqueue_correct_only": gmm.ENQUEUE_CORRECT_ONLY,
             "fit": gmm.FIT,
             # the std the M-step gives a component with no feature (random unit vectors + VAR_FLOOR)
             "initial_std": unfitted_std(gmm.EMBED_DIM, gmm.VAR_FLOOR),
@@ -117,46 +116,37 @@ class GMMPredictorBase(nn.Module):
             "logits": self.logit_norm(class_scores),
         }
 
-    def component_loss(self, component_log_prob: Tensor, labels: Tensor) -> Tensor:
+    def component_loss(self, component_log_prob: Tensor, labels: Tensor, assignment: Tensor) -> Tensor:
         """Cross-entropy over all C*K components (weight ``component_loss_weight``) for (P, C, K)
-        log-likelihoods; the target of an item of class c is (c, its component under this process's
-        E-step). Items labelled -1 are left out; without any, an exact zero that keeps the graph."""
+        log-likelihoods; the target of an item of class c is (c, ``assignment``: its component under this
+        process's E-step). Items labelled -1 are left out; without any, an exact zero that keeps the
+        graph."""
         valid = labels >= 0
         if self.component_loss_weight <= 0 or not bool(valid.any()):
             return component_log_prob.sum() * 0.0  # keep the graph connected (DDP)
-        _, assignment = self.e_step(component_log_prob.detach(), labels)
         target = labels[valid] * self.num_components + assignment[valid]
         flat = component_log_prob[valid].reshape(-1, self.num_classes * self.num_components)
         return F.cross_entropy(flat, target) * self.component_loss_weight
 
-    def e_step(self, component_log_prob: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Assign labelled items to their class's components (Sinkhorn or vanilla, hard): returns
-        ``(responsibilities (N, K), assignment (N,))``, assignment -1 for unlabelled items."""
-        return e_step(
-            component_log_prob,
-            labels,
-            num_classes=self.num_classes,
-            method=self.e_step_method,
-            hard=True,
-            epsilon=self.sinkhorn_epsilon,
-            n_iters=self.sinkhorn_iters,
-        )
+    def e_step_and_component_loss(
+        self, embeddings: Tensor, component_log_prob: Tensor, labels: Tensor, correct: Tensor
+    ) -> Tensor:
+        """The step's one E-step on (P, D) embeddings, (P, C, K) log-likelihoods, (P,) labels (-1: none)
+        and (P,) correctness: returns the component loss and gives the labelled items' ``EMBatch`` to
+        ``em_observer``."""
+        assignment = self.e_step.assign(component_log_prob.detach(), labels)
+        loss = self.component_loss(component_log_prob, labels, assignment)
+        if self.em_observer is not None and self.fitted_by_em:
+            valid = labels >= 0
+            self.em_observer(
+                EMBatch(embeddings.detach()[valid], labels[valid], correct[valid], assignment[valid])
+            )
+        return loss
 
     @property
     def fitted_by_em(self) -> bool:
         """Whether the mixtures are fitted by EM (``GMMEMHook``), not learned by back-propagation."""
         return self.fit == "em"
-
-    def store_em_batch(self, embeddings: Tensor, labels: Tensor, correct: Tensor) -> None:
-        """Keep this step's labelled embeddings (P, D), classes (P,) and correctness (P,) for the hook."""
-        if self.fitted_by_em:
-            self._em_batch = {"embeddings": embeddings.detach(), "labels": labels, "correct": correct}
-
-    def pop_em_batch(self) -> dict[str, Tensor] | None:
-        """The last training step's labelled embeddings (P, D), their classes (P,) and whether the model
-        classified them correctly (P,); cleared once taken."""
-        batch, self._em_batch = self._em_batch, None
-        return batch
 
 
 class GMMPredictor(GMMPredictorBase):
@@ -285,7 +275,7 @@ class GMMPredictor(GMMPredictorBase):
 
     def losses(self, outputs: dict[str, Tensor], targets: Tensor, logits_full: Tensor) -> dict[str, Tensor]:
         """Cross-entropy of the posteriors at label resolution (``logits_full``, already upsampled by the
-        head), plus the component loss at feature resolution; stores the EM batch for the hook.
+        head), plus the component loss at feature resolution, whose E-step also gives the EM batch.
 
         A batch without any labelled pixel gives exact zeros (not NaN), with the graph kept connected.
         """
@@ -301,16 +291,10 @@ class GMMPredictor(GMMPredictorBase):
         n, h, w, _ = outputs["class_log_prob"].shape
         labels = F.interpolate(targets[:, None].float(), size=(h, w), mode="nearest").long().reshape(-1)
         labels = torch.where((labels >= 0) & (labels < self.num_classes), labels, torch.full_like(labels, -1))
-        valid = labels >= 0
         component = outputs["component_log_prob"].reshape(n * h * w, self.num_classes, self.num_components)
-        loss_component = self.component_loss(component, labels)
-
         prediction = outputs["logits"].detach().argmax(dim=1).reshape(-1)
-        self.store_em_batch(
-            outputs["embeddings"].reshape(-1, self.embed_dim)[valid],
-            labels[valid],
-            (prediction == labels)[valid],
-        )
+        embeddings = outputs["embeddings"].reshape(-1, self.embed_dim)
+        loss_component = self.e_step_and_component_loss(embeddings, component, labels, prediction == labels)
         return {"loss_sem_seg": loss_sem_seg, "loss_gmm_component": loss_component}
 
 
@@ -347,11 +331,14 @@ class QueryGMMPredictor(GMMPredictorBase):
         return outputs["class_log_prob"][..., : self.num_object_classes].amax(dim=-1)
 
     def losses(self, outputs: dict[str, Tensor], query_labels: Tensor) -> dict[str, Tensor]:
-        """Component loss for (B, Q) query labels (matched class, or ``num_classes`` = no object) and the
-        EM batch for the hook: every query's embedding, label and whether its argmax matched the label."""
+        """Component loss for (B, Q) query labels (matched class, or ``num_classes`` = no object); its
+        E-step gives the EM batch: every query's embedding, label and whether its argmax matched it."""
         labels = query_labels.reshape(-1)
         component = outputs["component_log_prob"].reshape(-1, self.num_classes, self.num_components)
-        loss_component = self.component_loss(component, labels)
         prediction = outputs["logits"].detach().argmax(dim=-1).reshape(-1)
-        self.store_em_batch(outputs["embeddings"].reshape(-1, self.embed_dim), labels, prediction == labels)
-        return {"loss_gmm_component": loss_component}
+        embeddings = outputs["embeddings"].reshape(-1, self.embed_dim)
+        return {
+            "loss_gmm_component": self.e_step_and_component_loss(
+                embeddings, component, labels, prediction == labels
+            )
+        }

@@ -14,8 +14,8 @@ GMMSeg-D2 adds:
   (so it shares the data mapper, and its label checks, with the per-pixel models).
 - ``GMMMaskFormer``: the same for the GMM decoder. In training it also labels every query of the last
   decoder layer by the Hungarian matching (the matched ground-truth class, or no object), adds the
-  component loss, and hands the query embeddings with those labels to ``GMMEMHook``, which fills the
-  memory and runs EM exactly as for pixel heads.
+  component loss, whose E-step hands the query embeddings with those labels to ``GMMEMHook`` (the
+  predictor's ``em_observer``), which fills the memory and runs EM exactly as for pixel heads.
 
 Semantic inference is Mask2Former's: ``s_c(x) = sum_q p(c|q) sigmoid(m_q(x))`` over the real classes.
 These scores do not sum to one over c; the posterior reported (``sem_seg``) is ``s_c(x) / sum_c' s_c'(x)``
