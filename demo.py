@@ -89,19 +89,6 @@ def list_images(inputs: list[str]) -> list[Path]:
     return images
 
 
-def setup_cfg(args: argparse.Namespace):
-    from detectron2.config import get_cfg
-
-    from gmmseg import add_gmmseg_config
-
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    return cfg
-
-
 def heat_map(score: np.ndarray, score_range: tuple[float, float] | None = None) -> np.ndarray:
     """(H, W) scores -> (H, W, 3) uint8 RGB with matplotlib's 'inferno' colormap (dark = normal)."""
     import matplotlib
@@ -132,10 +119,12 @@ def run(args: argparse.Namespace) -> list[Path]:
     from detectron2.utils.visualizer import ColorMode, Visualizer
     from PIL import Image
 
+    from gmmseg import setup_cfg
+
     setup_logger(name="gmmseg")
     logger = logging.getLogger("gmmseg")
     images = list_images(args.input)
-    cfg = setup_cfg(args)
+    cfg = setup_cfg(args.config_file, args.opts)  # validated: a bad value fails here, naming its key
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: the demo runs an untrained model")
     predictor = Predictor(cfg)

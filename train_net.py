@@ -24,12 +24,12 @@ from collections import OrderedDict
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
-from gmmseg import add_gmmseg_config, validate_gmmseg_config
+from gmmseg import load_cfg, setup_cfg
 from gmmseg.engine import GMMSegTrainer, launch
 from gmmseg.evaluation.report import markdown_table, results_rows
 
@@ -38,20 +38,10 @@ class Trainer(GMMSegTrainer):
     """The project's trainer (data mapper, evaluators, poly LR, CPU-capable DDP); extend it here."""
 
 
-def load_config(args) -> CfgNode:
-    """Config from defaults + project keys + file + command line."""
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    return cfg
-
-
 def setup(args) -> CfgNode:
-    """The config, validated before anything runs or is written, then Detectron2's usual set-up."""
-    cfg = load_config(args)
-    validate_gmmseg_config(cfg)
-    cfg.freeze()
+    """The config (datasets registered, validated before anything runs or is written), then Detectron2's
+    usual set-up."""
+    cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gmmseg")
     return cfg
@@ -103,5 +93,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
-        device=load_config(args).MODEL.DEVICE,  # NCCL on GPUs, gloo on CPU
+        device=load_cfg(args.config_file, args.opts).MODEL.DEVICE,  # NCCL on GPUs, gloo on CPU
     )

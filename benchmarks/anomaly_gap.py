@@ -92,19 +92,14 @@ def grouped_median(values: np.ndarray, groups: np.ndarray, num_groups: int) -> n
 def load_model(config: str, weights: str, scores: tuple[str, ...], opts: list[str], dataset: str):
     """Frozen config and eval-mode model with ``weights``, computing ``scores`` at inference."""
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from gmmseg import add_gmmseg_config, validate_gmmseg_config
+    from gmmseg import setup_cfg
 
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(config)
-    test = ["DATASETS.TRAIN", "()", "DATASETS.TEST", f"('{dataset}',)"]  # no training set needed
-    cfg.merge_from_list([*opts, "MODEL.WEIGHTS", weights, *test])
-    cfg.TEST.ANOMALY_SCORES = list(scores)
-    validate_gmmseg_config(cfg)
-    cfg.freeze()
+    test = ["DATASETS.TRAIN", "()", "DATASETS.TEST", repr((dataset,))]  # no training set needed
+    cfg = setup_cfg(
+        config, [*opts, "MODEL.WEIGHTS", weights, *test, "TEST.ANOMALY_SCORES", repr(list(scores))]
+    )
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(weights)
     return cfg, model
@@ -332,10 +327,6 @@ def main(argv: list[str] | None = None) -> int:
     for _, weights in (args.gmmseg, args.softmax):
         if not Path(weights).is_file():
             parser.error(f"{weights}: no such file")
-    try:
-        import gmmseg  # noqa: F401
-    except ImportError:  # not pip-installed: the source tree
-        sys.path.insert(0, str(REPO / "projects" / "GMMSeg"))
     os.environ.setdefault("DETECTRON2_DATASETS", str(REPO / "datasets"))
     from detectron2.data import DatasetCatalog, MetadataCatalog
 

@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by path
-import digitscapes as bench  # noqa: E402
-from runs import Progress, benchmark_env, run_training, write_results  # noqa: E402
+import digitscapes as bench  # this folder's scripts: on sys.path as the running script's folder
+from runs import Progress, benchmark_env, run_training, write_results
 
 
 def curve(run: Path, max_iter: int) -> list[tuple[int, float]]:

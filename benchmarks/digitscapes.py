@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/runs.py, also when loaded by path
+# this folder's runs.py: the running script's folder is first on sys.path
 from runs import (
     REPO,
     Progress,
@@ -116,14 +116,9 @@ def schedule_overrides(iters: int | None, quick: bool, seed: int = 0) -> list[st
 
 def config_iters(config: Path) -> int:
     """MAX_ITER of a config (after its _BASE_), for the progress bar."""
-    from detectron2.config import get_cfg
+    from gmmseg import load_cfg
 
-    from gmmseg import add_gmmseg_config
-
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(str(config))
-    return cfg.SOLVER.MAX_ITER
+    return load_cfg(config).SOLVER.MAX_ITER
 
 
 def run_dir(root: Path, name: str, seed: int) -> Path:

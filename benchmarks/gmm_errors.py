@@ -220,25 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not Path(args.weights).is_file():
         parser.error(f"--weights {args.weights}: no such file")
-    try:
-        import gmmseg  # noqa: F401
-    except ImportError:  # not pip-installed: the source tree
-        sys.path.insert(0, str(REPO / "projects" / "GMMSeg"))
-    from detectron2.config import get_cfg
     from detectron2.data import MetadataCatalog
 
-    from gmmseg import add_gmmseg_config
-    from gmmseg.config import validate_gmmseg_config
+    from gmmseg import setup_cfg
 
     os.environ.setdefault("DETECTRON2_DATASETS", str(REPO / "datasets"))
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list([*args.opts, "MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", "cpu"])
+    opts = [*args.opts, "MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", "cpu"]
     if args.dataset:
-        cfg.DATASETS.TEST = (args.dataset,)
-    validate_gmmseg_config(cfg)
-    cfg.freeze()
+        opts += ["DATASETS.TEST", repr((args.dataset,))]
+    cfg = setup_cfg(args.config_file, opts)
 
     model, predictor = load_model(cfg)
     dataset = cfg.DATASETS.TEST[0]

@@ -39,10 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+import gmm_core  # this folder's core benchmark (timing and peak-memory helpers), next to the running script
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gmm_core  # noqa: E402  (this folder's core benchmark: timing and peak-memory helpers)
 
 REPO = Path(__file__).resolve().parent.parent
 # softmax / GMM config pairs (configs/<pair>_softmax.yaml, configs/<pair>_gmmseg.yaml)
@@ -57,14 +55,11 @@ SYNC_NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.SEM_SEG_HEAD.NORM", "MODEL.FPN.NO
 def load_model(config: Path, device: str, training: bool):
     """The config's model on ``device`` (random weights: speed does not depend on them), one anomaly
     score, plain BN instead of SyncBN (one process)."""
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from gmmseg import add_gmmseg_config
+    from gmmseg import load_cfg, setup_cfg
 
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(str(config))
+    cfg = load_cfg(config)  # what the config says, to choose the overrides
     opts = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]
     is_gmm = "GMM" in cfg.MODEL.META_ARCHITECTURE or cfg.MODEL.SEM_SEG_HEAD.NAME.startswith("GMM")
     opts += ["TEST.ANOMALY_SCORES", "('gmm',)" if is_gmm else "('msp',)"]
@@ -77,7 +72,7 @@ def load_model(config: Path, device: str, training: bool):
             opts += [key, "BN"]
     if cfg.INPUT.CROP.ENABLED:  # DeepLabV3+'s ASPP pools with a window of CROP.SIZE / 16
         opts += ["INPUT.CROP.SIZE", "(512, 512)"]
-    cfg.merge_from_list(opts)
+    cfg = setup_cfg(config, opts)
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train(training)

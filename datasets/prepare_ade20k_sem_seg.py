@@ -16,11 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from gmmseg_datasets.ade20k import DatasetFormatError, prepare_ade20k
-except ImportError:  # not pip-installed: use the source tree next to this script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "GMMSeg"))
-    from gmmseg_datasets.ade20k import DatasetFormatError, prepare_ade20k
+from gmmseg_datasets.ade20k import DatasetFormatError, prepare_ade20k
 
 
 def main(argv: list[str] | None = None) -> int:

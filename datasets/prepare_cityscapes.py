@@ -18,11 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from gmmseg_datasets.cityscapes import DatasetFormatError, prepare_cityscapes
-except ImportError:  # not pip-installed: use the source tree next to this script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "GMMSeg"))
-    from gmmseg_datasets.cityscapes import DatasetFormatError, prepare_cityscapes
+from gmmseg_datasets.cityscapes import DatasetFormatError, prepare_cityscapes
 
 
 def main(argv: list[str] | None = None) -> int:

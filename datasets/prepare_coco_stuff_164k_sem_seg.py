@@ -18,11 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from gmmseg_datasets.coco_stuff import DatasetFormatError, prepare_coco_stuff_164k
-except ImportError:  # not pip-installed: use the source tree next to this script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "GMMSeg"))
-    from gmmseg_datasets.coco_stuff import DatasetFormatError, prepare_coco_stuff_164k
+from gmmseg_datasets.coco_stuff import DatasetFormatError, prepare_coco_stuff_164k
 
 
 def main(argv: list[str] | None = None) -> int:

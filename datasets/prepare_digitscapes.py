@@ -17,11 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from gmmseg_datasets.digitscapes import DEFAULT_COUNTS, generate_digitscapes
-except ImportError:  # not pip-installed: use the source tree next to this script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "GMMSeg"))
-    from gmmseg_datasets.digitscapes import DEFAULT_COUNTS, generate_digitscapes
+from gmmseg_datasets.digitscapes import DEFAULT_COUNTS, generate_digitscapes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

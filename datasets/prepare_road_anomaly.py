@@ -17,11 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-try:
-    from gmmseg_datasets.road_anomaly import DatasetFormatError, prepare_road_anomaly
-except ImportError:  # not pip-installed: use the source tree next to this script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "GMMSeg"))
-    from gmmseg_datasets.road_anomaly import DatasetFormatError, prepare_road_anomaly
+from gmmseg_datasets.road_anomaly import DatasetFormatError, prepare_road_anomaly
 
 
 def main(argv: list[str] | None = None) -> int:

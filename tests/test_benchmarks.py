@@ -10,6 +10,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+
+
+def _load(name: str):
+    """``benchmarks/<name>.py`` as a module. The scripts import one another as the running script's
+    neighbours (``python benchmarks/x.py`` puts benchmarks/ first on sys.path); here the test does."""
+    import importlib
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -121,26 +132,13 @@ def test_digitscapes_benchmark_quick_over_seeds_reports_mean_and_spread(tmp_path
 def test_progress_counts_only_the_iterations_this_invocation_trains():
     """Finished or resumed runs leave the total instead of filling the bar in no time, which would
     make the pace, hence the time left, wildly optimistic."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("digitscapes", REPO / "benchmarks" / "digitscapes.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("digitscapes")
     progress = bench.Progress(3 * 600)
     progress.skip(600)  # a finished run, reused
     progress.skip(200)  # a run resumed at iteration 200
     progress.advance(400)
     assert (progress.bar.total, progress.bar.n) == (1000, 400)
     progress.close()
-
-
-def _load_digitscapes_benchmark():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("digitscapes", REPO / "benchmarks" / "digitscapes.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_seed_statistics_match_statistics_module_and_survive_absent_classes():
@@ -151,7 +149,7 @@ def test_seed_statistics_match_statistics_module_and_survive_absent_classes():
 
     from gmmseg.evaluation.report import group_mean_iou
 
-    bench = _load_digitscapes_benchmark()
+    bench = _load("digitscapes")
     values = [30.87, 31.2, 29.95]
     assert bench.sample_std(values) == pytest.approx(statistics.stdev(values), rel=1e-12)
     assert math.isnan(bench.sample_std([1.0, float("nan")]))
@@ -163,14 +161,11 @@ def test_seed_statistics_match_statistics_module_and_survive_absent_classes():
 
 def test_time_pair_interleaves_in_alternating_order_and_takes_the_median_ratio():
     """Drift in the machine's speed must hit both sides of a ratio: the calls alternate AB, BA, AB."""
-    import importlib.util
     import time
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("gmm_core", REPO / "benchmarks" / "gmm_core.py")
-    gmm_core = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gmm_core)
+    gmm_core = _load("gmm_core")
     calls = []
 
     def baseline():
@@ -191,7 +186,7 @@ def test_time_pair_interleaves_in_alternating_order_and_takes_the_median_ratio()
 
 def test_close_variants_get_more_seeds_when_within_three_seed_stds():
     """A variant is repeated with more seeds when its difference from GMMSeg could be seed noise."""
-    bench = _load_digitscapes_benchmark()
+    bench = _load("digitscapes")
     reference = {"mIoU": 40.0, "mIoU_std": 0.5, "AUROC": 85.0, "AUROC_std": 1.0}
     assert bench.needs_more_seeds({"mIoU": 41.4, "AUROC": 70.0}, reference)  # 1.4 < 3 x 0.5
     assert bench.needs_more_seeds({"mIoU": 30.0, "AUROC": 87.9}, reference)  # AUROC 2.9 < 3 x 1.0
@@ -200,7 +195,7 @@ def test_close_variants_get_more_seeds_when_within_three_seed_stds():
 
 
 def test_close_seeds_plan_runs_every_variant_once_then_the_headline_pair_with_more_seeds():
-    bench = _load_digitscapes_benchmark()
+    bench = _load("digitscapes")
     plan = bench.first_pass(["softmax", "gmmseg", "gmmseg_K1"], [0, 1, 2], close_seeds=True)
     assert plan == [("softmax", 0), ("gmmseg", 0), ("gmmseg_K1", 0)] + [
         (n, s) for s in (1, 2) for n in ("softmax", "gmmseg")
@@ -209,11 +204,7 @@ def test_close_seeds_plan_runs_every_variant_once_then_the_headline_pair_with_mo
 
 
 def test_convergence_reads_the_periodic_evaluations_and_applies_the_tolerance(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convergence", REPO / "benchmarks" / "convergence.py")
-    conv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conv)
+    conv = _load("convergence")
     records = [
         {"iteration": 9, "total_loss": 1.0},
         {"iteration": 99, "digitscapes_val/sem_seg/mIoU": 20.5, "digitscapes_anomaly_val/sem_seg/mIoU": 1.0},
@@ -242,10 +233,7 @@ def test_convergence_quick_trains_both_heads_twice_and_plots(tmp_path):
 
 def test_settings_key_follows_the_merged_config_not_the_file_text(tmp_path):
     """A base config's change invalidates finished runs; a comment does not."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from runs import settings_key
+    settings_key = _load("runs").settings_key
 
     base = (REPO / "configs" / "digitscapes" / "Base-DigitScapes-DeepLabV3plus.yaml").read_text()
     (tmp_path / "Base.yaml").write_text(base)

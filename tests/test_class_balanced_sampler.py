@@ -21,7 +21,7 @@ from PIL import Image
 from scipy.stats import chisquare
 
 from gmmseg import add_gmmseg_config
-from gmmseg.config import ConfigValueError, validate_gmmseg_config
+from gmmseg.config_validation import ConfigValueError, validate_gmmseg_config
 from gmmseg.data import class_balanced_sampler as cbs
 from gmmseg.data.class_balanced_sampler import (
     ClassBalancedTrainingSampler,
@@ -37,6 +37,18 @@ from gmmseg.engine.trainer import ResumableTrainingSampler
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 5  # class 4 occurs in no image: it must never be drawn
 NUM_IMAGES = 60
+
+
+def draw(sampler: ClassBalancedTrainingSampler, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(classes, images) at global stream positions ``start .. start + count - 1`` (all processes),
+    read from the sampler's chunks, to check what it yields against what it drew."""
+    size = sampler._chunk_size
+    first, last = start // size, (start + count - 1) // size
+    parts = [sampler._chunk(k) for k in range(first, last + 1)]
+    offset = start - first * size
+    classes = torch.cat([p[0] for p in parts])[offset : offset + count]
+    images = torch.cat([p[1] for p in parts])[offset : offset + count]
+    return classes, images
 
 
 def classes_of(i: int) -> list[int]:
@@ -190,7 +202,7 @@ def test_frequencies_match_the_class_balanced_expectation_and_plain_shuffling_fa
     # the two images holding class 3 get an eighth of the draws each, instead of 1/60
     assert observed[[7, 33]].min() > draws / 9
 
-    classes, images = sampler.draw(0, draws)
+    classes, images = draw(sampler, 0, draws)
     assert all(int(c) in SKEWED[int(i)] for c, i in zip(classes[:2000], images[:2000]))
     class_counts = np.bincount(classes.numpy(), minlength=NUM_CLASSES)
     assert class_counts[4] == 0 and chisquare(class_counts[:4]).pvalue > 1e-3
@@ -224,7 +236,7 @@ def test_resumed_stream_equals_uninterrupted(world_size, skip):
 
 def test_ranks_take_disjoint_positions_of_one_stream(monkeypatch):
     single = list(islice(ClassBalancedTrainingSampler(SKEWED, seed=5, rank=0, world_size=1), 1000))
-    _, drawn = ClassBalancedTrainingSampler(SKEWED, seed=5, rank=0, world_size=1).draw(0, 1000)
+    _, drawn = draw(ClassBalancedTrainingSampler(SKEWED, seed=5, rank=0, world_size=1), 0, 1000)
     assert drawn.tolist() == single
     per_rank = []
     for rank in range(2):  # the rank and world size come from detectron2.utils.comm, as in training
@@ -292,7 +304,7 @@ def test_trainer_loader_yields_class_balanced_batches_and_resumes(dataset):
 
     loader = iter(GMMSegTrainer.build_train_loader(cfg))
     batches = [[d["image_id"] for d in next(loader)] for _ in range(4)]
-    _, expected = ClassBalancedTrainingSampler(SKEWED, seed=7, rank=0, world_size=1).draw(0, 16)
+    _, expected = draw(ClassBalancedTrainingSampler(SKEWED, seed=7, rank=0, world_size=1), 0, 16)
     assert sum(batches, []) == [f"{i:04d}" for i in expected.tolist()]
     batch = next(loader)
     assert all(isinstance(d["image"], torch.Tensor) and d["sem_seg"].shape == (16, 16) for d in batch)

@@ -1,13 +1,15 @@
-"""Project config keys and their validation: a bad value fails at start with the key named."""
+"""Project config keys, their validation (a bad value fails at start with the key named) and the set-up
+every entry point uses (file + overrides, datasets registered, validated, frozen)."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import write_folder_dataset
 from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from gmmseg import add_gmmseg_config, validate_gmmseg_config
-from gmmseg.config import ConfigValueError
+from gmmseg import add_gmmseg_config, register_datasets, setup_cfg, validate_gmmseg_config
+from gmmseg.config_validation import KEY_RULES, MASK_FORMER_KEY_RULES, ConfigValueError, lookup
 from gmmseg.data.folder_dataset import DatasetFormatError, register_folder_dataset
 
 
@@ -28,7 +30,6 @@ def cfg(tmp_path, unique_name):
 def test_defaults_and_deeplab_keys_are_added():
     cfg = get_cfg()
     add_gmmseg_config(cfg)
-    assert cfg.INPUT.DATASET_MAPPER_NAME == "semantic"
     assert cfg.TEST.CALIBRATION_BINS == 15
     assert cfg.SOLVER.POLY_LR_POWER == 0.9  # from Detectron2's DeepLab project
     add_gmmseg_config(cfg)  # idempotent
@@ -41,7 +42,6 @@ def test_valid_config_passes(cfg):
 @pytest.mark.parametrize(
     "key, value",
     [
-        ("INPUT.DATASET_MAPPER_NAME", "detection"),
         ("TEST.CALIBRATION_BINS", 0),
         ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", 0),
         ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", 4),  # the dataset has 3 classes
@@ -69,11 +69,50 @@ def test_crop_size_is_checked(cfg):
         validate_gmmseg_config(cfg)
 
 
-def test_unknown_dataset_fails_with_the_path(cfg, tmp_path, monkeypatch):
+def test_unknown_dataset_fails_with_the_path_at_registration_and_validation_registers_nothing(
+    cfg, tmp_path, monkeypatch
+):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     cfg.DATASETS.TEST = ("nowhere_val",)
     with pytest.raises(DatasetFormatError, match=str(tmp_path)):
-        validate_gmmseg_config(cfg)
+        register_datasets(cfg)
+    write_folder_dataset(tmp_path, "nowhere", {"val": 1}, num_classes=3)
+    with pytest.raises(ConfigValueError, match="'nowhere_val' is not") as info:
+        validate_gmmseg_config(cfg)  # the folder exists now, but validating does not register it
+    assert info.value.key == "DATASETS.TEST" and "nowhere_val" not in DatasetCatalog.list()
+    register_datasets(cfg)
+    validate_gmmseg_config(cfg)
+
+
+def test_every_rule_names_a_key_the_config_has():
+    """A renamed or removed key must not leave a rule that checks nothing (lookup would raise)."""
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    rules = dict(KEY_RULES)
+    if hasattr(cfg.MODEL, "MASK_FORMER"):  # Mask2Former installed
+        rules.update(MASK_FORMER_KEY_RULES)
+    for key, rule in rules.items():
+        assert rule.accepts(lookup(cfg, key)), f"the default of {key} breaks its own rule"
+
+
+def test_setup_cfg_merges_registers_validates_and_freezes(tmp_path, monkeypatch, unique_name):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))  # read at set-up, not at import
+    write_folder_dataset(tmp_path, unique_name, {"train": 1, "val": 1}, num_classes=3)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "MODEL:\n  DEVICE: cpu\n  SEM_SEG_HEAD:\n    NUM_CLASSES: 3\n"
+        f"DATASETS:\n  TRAIN: ('{unique_name}_train',)\n  TEST: ('{unique_name}_val',)\n"
+    )
+    cfg = setup_cfg(config, ["SOLVER.MAX_ITER", "7"])
+    assert cfg.is_frozen() and cfg.SOLVER.MAX_ITER == 7 and cfg.MODEL.GMM.EMBED_DIM == 64
+    assert f"{unique_name}_val" in DatasetCatalog.list()
+    assert MetadataCatalog.get(f"{unique_name}_val").stuff_classes == ["class0", "class1", "class2"]
+    with pytest.raises(ConfigValueError, match=r"^MODEL\.GMM\.EMBED_DIM = 0 is invalid"):
+        setup_cfg(config, ["MODEL.GMM.EMBED_DIM", "0"])
+    with pytest.raises(ConfigValueError, match="MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4 is invalid: expected 3"):
+        setup_cfg(config, ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "4"])  # the dataset's metadata decides
+    with pytest.raises(DatasetFormatError, match=str(tmp_path)):
+        setup_cfg(config, ["DATASETS.TEST", "('elsewhere_val',)"])
 
 
 def test_gmm_defaults_are_the_reference_values():

@@ -120,3 +120,19 @@ def test_scale_draws_larger_pngs_of_the_same_maps(weights_and_data, tmp_path):
 
     proc = _demo([*common, "--output", str(tmp_path / "x0"), "--scale", "0"], datasets)
     assert proc.returncode == 2 and "--scale 0.0: expected a number > 0" in proc.stderr
+
+
+def test_bad_override_fails_at_start_naming_the_key(tmp_path, capsys):
+    """The demo sets its config up as train_net.py does: validated, so a bad value stops it first."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", REPO / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    no_data = ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]
+    argv = ["--config-file", str(CONFIG), "--input", str(image), "--output", str(tmp_path / "out")]
+    assert demo.main([*argv, "--opts", *no_data, "MODEL.GMM.EMBED_DIM", "0"]) == 2
+    assert "MODEL.GMM.EMBED_DIM = 0 is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

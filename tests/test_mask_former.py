@@ -13,7 +13,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from gmmseg import add_gmmseg_config, validate_gmmseg_config
-from gmmseg.config import ConfigValueError
+from gmmseg.config_validation import ConfigValueError
 from gmmseg.engine.hooks import GMMEMHook, find_gmm_predictors
 from gmmseg.modeling.mask_former import (
     OWNERSHIP_FLOOR,

@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from torch.distributions import Independent, Normal
 
 from gmmseg import add_gmmseg_config, validate_gmmseg_config
-from gmmseg.config import ConfigValueError
+from gmmseg.config_validation import ConfigValueError
 from gmmseg.modeling.posthoc import PosthocGMM, fit_posthoc_gmm
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "digitscapes"

@@ -14,7 +14,6 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-import gmmseg.d2  # noqa: F401  (registers the public datasets, as training does)
 from gmmseg.data.datasets import (
     PUBLIC_DATASET_NAMES,
     register_all_public_datasets,
@@ -35,7 +34,7 @@ H, W = 16, 24
 def data_root(tmp_path, monkeypatch) -> Path:
     """Point $DETECTRON2_DATASETS at an empty folder; the registered loaders read it at call time."""
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
-    register_all_public_datasets()  # in case another test re-registered a name with a fixed root
+    register_all_public_datasets()  # as set-up does; again for each test, after any fixed-root one
     return tmp_path
 
 
@@ -329,7 +328,6 @@ def test_fishyscapes_register(data_root, name, subset):
     meta = MetadataCatalog.get(name)
     assert meta.evaluator_type == "anomaly" and meta.ignore_label == 255 and meta.has_ood
     assert meta.stuff_classes == [trainId2label[i].name for i in range(19)]
-    assert meta.ood_values == {"in_distribution": 0, "anomaly": 1, "void": 255}
 
 
 def test_fishyscapes_errors_name_the_path(data_root):
@@ -400,7 +398,7 @@ def test_road_anomaly_errors_name_the_path(data_root):
 
 def test_all_names_registered_lazily_and_ensure_registered_returns(data_root):
     for name in PUBLIC_DATASET_NAMES:
-        ensure_registered(name)  # registered at import: returns without touching the (empty) root
+        ensure_registered(name)  # registered (data_root): returns without touching the (empty) root
         with pytest.raises(DatasetFormatError, match=str(data_root)):
             DatasetCatalog.get(name)  # fails on use, naming a path under $DETECTRON2_DATASETS
 
@@ -426,8 +424,13 @@ def test_explicit_root_and_prepare_scripts(tmp_path_factory, data_root, capsys):
     assert len(list((other / "road_anomaly/labels").glob("*.png"))) == 3
 
 
-def test_runtime_package_does_not_load_the_offline_preparation():
-    """gmmseg registers the datasets; the conversions (gmmseg_datasets) are only for the prepare scripts."""
-    code = "import sys, gmmseg.d2; print(sorted(m for m in sys.modules if m.startswith('gmmseg_datasets')))"
+def test_import_loads_no_offline_preparation_and_registers_no_dataset():
+    """gmmseg registers the datasets, at set-up and not on import; the conversions (gmmseg_datasets) are
+    only for the prepare scripts."""
+    code = (
+        "import sys, gmmseg.d2; from detectron2.data import DatasetCatalog; "
+        "print(sorted(m for m in sys.modules if m.startswith('gmmseg_datasets')), "
+        "'fs_static_val' in DatasetCatalog.list())"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert proc.stdout.strip().splitlines()[-1] == "[] False"

@@ -20,7 +20,6 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from gmmseg.evaluation import (
     SemSegEvaluator,
-    calibration_bins,
     confusion_matrix,
     expected_calibration_error,
     segmentation_metrics,
@@ -69,9 +68,20 @@ def ref_ece(conf: np.ndarray, correct: np.ndarray, num_bins: int) -> float:
     return ece
 
 
-# --------------------------------------------------------------------------------------------------
-# pure functions
-# --------------------------------------------------------------------------------------------------
+def calibration_bins(
+    confidence: np.ndarray, correct: np.ndarray, num_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The evaluator's reliability-bin sums (pixel count, summed confidence, correct pixels), in NumPy:
+    bin of a confidence ``c`` is ``min(floor(c * B), B - 1)``, so ``c == 1`` lands in the last bin."""
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    corr = np.asarray(correct).reshape(-1).astype(bool)
+    idx = np.clip(np.floor(conf * num_bins), 0, num_bins - 1).astype(np.int64)
+    counts = np.bincount(idx, minlength=num_bins).astype(np.int64)
+    conf_sums = np.bincount(idx, weights=conf, minlength=num_bins).astype(np.float64)
+    correct_sums = np.bincount(idx[corr], minlength=num_bins).astype(np.int64)
+    return counts, conf_sums, correct_sums
+
+
 def test_confusion_matrix_matches_sklearn():
     rng = np.random.default_rng(0)
     c = 6

@@ -11,7 +11,8 @@ from detectron2.config import get_cfg
 from detectron2.solver import build_optimizer as detectron2_build_optimizer
 
 from gmmseg import add_gmmseg_config
-from gmmseg.solver import WarmupPolyLR, build_optimizer
+from gmmseg.compat import WarmupPolyLR
+from gmmseg.solver import build_optimizer
 
 
 def _sched(max_iters: int, **kw) -> WarmupPolyLR:

@@ -16,11 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-try:
-    from gmmseg.evaluation.report import group_mean_iou, markdown_table, results_rows
-except ImportError:  # not installed: use the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "GMMSeg"))
-    from gmmseg.evaluation.report import group_mean_iou, markdown_table, results_rows
+from gmmseg.evaluation.report import group_mean_iou, markdown_table, results_rows
 
 
 def parse_group(text: str) -> tuple[str, list[int]]:

@@ -1,18 +1,16 @@
-"""Loads GMMSeg-D2's Detectron2 glue once: config keys, datasets, mapper, evaluators and models.
+"""Loads GMMSeg-D2's Detectron2 glue once: config keys and their validation, mapper, evaluators, models.
 
-Importing it registers the project's meta-architectures and heads in Detectron2's registries and every
-dataset folder found under ``$DETECTRON2_DATASETS`` (default ``./datasets``) in ``DatasetCatalog``.
+Importing it registers the project's meta-architectures and heads in Detectron2's registries. Datasets are
+registered by an explicit step of set-up (``gmmseg.engine.setup_cfg``: ``setup_cfg`` calls
+``register_datasets``), not on import.
 """
 
 from gmmseg import modeling  # noqa: F401  (registers meta-architectures and heads)
-from gmmseg.config import add_gmmseg_config, validate_gmmseg_config
+from gmmseg.config import add_gmmseg_config
+from gmmseg.config_validation import validate_gmmseg_config
 from gmmseg.data.dataset_mapper import SemanticDatasetMapper
-from gmmseg.data.datasets import register_all_public_datasets
 from gmmseg.data.folder_dataset import register_all_folder_datasets, register_folder_dataset
 from gmmseg.evaluation.sem_seg import SemSegEvaluator
-
-register_all_folder_datasets()
-register_all_public_datasets()
 
 __all__ = [
     "SemSegEvaluator",

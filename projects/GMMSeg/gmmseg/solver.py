@@ -5,31 +5,26 @@ learning-rate multiplier for the backbone, no weight decay on normalisation laye
 as learned queries and Swin's position tables) and its whole-model gradient-norm clipping
 (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"``), next to Detectron2's per-parameter clipping.
 
-Schedule: DeepLab's warm-up + poly decay, safe to resume with a changed schedule.
-
-Detectron2's DeepLab ``WarmupPolyLR`` stores its settings (``max_iters``...) in its state dict, so
-``--resume`` with a larger ``SOLVER.MAX_ITER`` restores the old length and then fails with a math domain
-error once past it. Here the state dict holds only the progress; the schedule always comes from the
-config, and iterations past the end keep the final learning rate instead of failing.
+Schedule: DeepLab's warm-up + poly decay (``gmmseg.compat.WarmupPolyLR``: safe to resume with a changed
+schedule, unlike Detectron2's), or Detectron2's other schedules.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
-from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR as _DeepLabWarmupPolyLR
 from detectron2.solver.build import (
     _generate_optimizer_class_with_gradient_clipping,
     maybe_add_gradient_clipping,
     reduce_param_groups,
 )
-from detectron2.solver.lr_scheduler import _get_warmup_factor_at_iter
 
-__all__ = ["WarmupPolyLR", "build_lr_scheduler", "build_optimizer", "optimizer_param_groups"]
+from gmmseg.compat import WarmupPolyLR
+
+__all__ = ["build_lr_scheduler", "build_optimizer", "optimizer_param_groups"]
 
 # parameters that are embeddings although they are not in an nn.Embedding (Swin's position tables)
 EMBEDDING_PARAMETER_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
@@ -96,35 +91,6 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     else:
         optimizer_type = maybe_add_gradient_clipping(cfg, optimizer_type)
     return optimizer_type(groups, lr=solver.BASE_LR, weight_decay=solver.WEIGHT_DECAY, **kwargs)
-
-
-class WarmupPolyLR(_DeepLabWarmupPolyLR):
-    """DeepLab's schedule: lr = base * warmup(it) * (1 - it / max_iters) ** power, floored at
-    ``constant_ending * base`` when that is set."""
-
-    _CONFIG_FIELDS = (
-        "max_iters",
-        "warmup_factor",
-        "warmup_iters",
-        "warmup_method",
-        "power",
-        "constant_ending",
-    )
-
-    def get_lr(self) -> list[float]:
-        warmup = _get_warmup_factor_at_iter(
-            self.warmup_method, self.last_epoch, self.warmup_iters, self.warmup_factor
-        )
-        decay = math.pow(max(0.0, 1.0 - self.last_epoch / self.max_iters), self.power)
-        if self.constant_ending > 0 and warmup == 1.0:
-            decay = max(decay, self.constant_ending)
-        return [base_lr * warmup * decay for base_lr in self.base_lrs]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in super().state_dict().items() if k not in self._CONFIG_FIELDS}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict({k: v for k, v in state_dict.items() if k not in self._CONFIG_FIELDS})
 
 
 def build_lr_scheduler(

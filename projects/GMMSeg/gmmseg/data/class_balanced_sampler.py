@@ -304,17 +304,6 @@ class ClassBalancedTrainingSampler(Sampler):
         within = torch.minimum((u * counts).long(), counts - 1)
         return self.classes[drawn], self._images[self._offsets[drawn] + within]
 
-    def draw(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(classes, images) at global stream positions ``start .. start + count - 1`` (all processes)."""
-        first, last = start // self._chunk_size, (start + count - 1) // self._chunk_size
-        parts = [self._chunk(k) for k in range(first, last + 1)] if count > 0 else []
-        if not parts:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-        offset = start - first * self._chunk_size
-        classes = torch.cat([p[0] for p in parts])[offset : offset + count]
-        images = torch.cat([p[1] for p in parts])[offset : offset + count]
-        return classes, images
-
     def __iter__(self) -> Iterator[int]:
         position = self._rank + self._skip * self._world_size
         while True:

@@ -202,9 +202,6 @@ def register_folder_dataset(dataset_dir: str | os.PathLike, name: str | None = N
             stuff_colors=[tuple(c) for c in meta["colors"]],
             ignore_label=meta["ignore_label"],
             evaluator_type="sem_seg",
-            dataset_root=str(dataset_dir),
-            image_root=str(split_dir / "images"),
-            sem_seg_root=str(split_dir / "labels"),
             has_ood=(split_dir / "ood").is_dir(),
         )
         registered.append(dataset_name)

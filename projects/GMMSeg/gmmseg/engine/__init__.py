@@ -1,6 +1,9 @@
-"""Training engine: the trainer and a launcher that also runs multi-process on CPU (gloo)."""
+"""Training engine: the trainer, the config set-up every entry point uses, and a launcher that also runs
+multi-process on CPU (gloo; ``gmmseg.compat``)."""
 
-from .launch import launch
-from .trainer import GMMSegTrainer, wrap_distributed
+from gmmseg.compat import launch
 
-__all__ = ["GMMSegTrainer", "launch", "wrap_distributed"]
+from .setup_cfg import load_cfg, register_datasets, setup_cfg
+from .trainer import GMMSegTrainer
+
+__all__ = ["GMMSegTrainer", "launch", "load_cfg", "register_datasets", "setup_cfg"]

@@ -1,4 +1,5 @@
-"""The project's Detectron2 trainer: data mapper, evaluators, poly LR, and DDP that also works on CPU."""
+"""The project's Detectron2 trainer: data mapper, evaluators, resumable data stream and poly LR, and DDP that
+also works on CPU (the Detectron2 v0.6 work-arounds it uses are ``gmmseg.compat``)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from gmmseg.config import RESUMABLE_TRAIN_SAMPLERS
+from gmmseg.compat import OptimizerStateInCheckpoints, wrap_distributed
+from gmmseg.config_validation import RESUMABLE_TRAIN_SAMPLERS
 from gmmseg.data.class_balanced_sampler import ClassBalancedTrainingSampler, class_image_index_for_datasets
 from gmmseg.data.dataset_mapper import SemanticDatasetMapper
 from gmmseg.evaluation.sem_seg import SemSegEvaluator
@@ -32,7 +33,7 @@ from gmmseg.solver import build_lr_scheduler, build_optimizer
 
 from .hooks import GMMEMHook, RNGStateHook, find_gmm_predictors
 
-__all__ = ["GMMSegTrainer", "ResumableTrainingSampler", "wrap_distributed"]
+__all__ = ["GMMSegTrainer", "ResumableTrainingSampler"]
 
 
 class ResumableTrainingSampler(TrainingSampler):
@@ -48,19 +49,12 @@ class ResumableTrainingSampler(TrainingSampler):
         yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
 
 
-def wrap_distributed(model: nn.Module, device: str) -> nn.Module:
-    """DistributedDataParallel when there are several processes: one GPU each, or CPU (gloo)."""
-    if comm.get_world_size() == 1:
-        return model
-    device_ids = [comm.get_local_rank()] if device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+class GMMSegTrainer(OptimizerStateInCheckpoints, DefaultTrainer):
+    """``DefaultTrainer`` with GMMSeg-D2's data mapper, evaluators and resumable poly LR schedule, whose
+    checkpoints keep the optimizer state (``gmmseg.compat.OptimizerStateInCheckpoints``).
 
-
-class GMMSegTrainer(DefaultTrainer):
-    """``DefaultTrainer`` with GMMSeg-D2's data mapper, evaluators and resumable poly LR schedule.
-
-    ``__init__`` is DefaultTrainer's, except for the DDP wrapper: Detectron2 v0.6 always passes
-    ``device_ids``, which DDP rejects for CPU models, so multi-process CPU training could not run.
+    ``__init__`` is DefaultTrainer's, except for the DDP wrapper (``gmmseg.compat.wrap_distributed``):
+    Detectron2 v0.6 always passes ``device_ids``, which DDP rejects for CPU models.
     """
 
     def __init__(self, cfg: CfgNode) -> None:
@@ -172,20 +166,6 @@ class GMMSegTrainer(DefaultTrainer):
             (i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicCheckpointer)), len(hook_list)
         )
         return hook_list[:position] + extra + hook_list[position:]
-
-    def state_dict(self) -> dict:
-        """Detectron2 v0.6's DefaultTrainer leaves the optimizer out of its checkpoints, so a resumed run
-        restarted SGD momentum (and, until the scheduler stepped, the learning rate); keep it in."""
-        state = super().state_dict()
-        state["_trainer"] = self._trainer.state_dict()
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
-        else:
-            logging.getLogger(__name__).warning("checkpoint has no optimizer state: SGD momentum restarts")
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)

@@ -2,7 +2,7 @@
 
 from .anomaly import AnomalyEvaluator
 from .anomaly_ranking import anomaly_metrics
-from .calibration import calibration_bins, expected_calibration_error, plot_reliability_diagram
+from .calibration import expected_calibration_error, plot_reliability_diagram
 from .score_histogram import ScoreHistogram
 from .sem_seg import SemSegEvaluator, confusion_matrix, segmentation_metrics
 
@@ -11,7 +11,6 @@ __all__ = [
     "ScoreHistogram",
     "SemSegEvaluator",
     "anomaly_metrics",
-    "calibration_bins",
     "confusion_matrix",
     "expected_calibration_error",
     "plot_reliability_diagram",

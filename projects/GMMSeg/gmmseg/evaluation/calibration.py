@@ -7,37 +7,12 @@ accumulates them and the ECE, the report table and the diagram are computed from
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List
 
 import numpy as np
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["calibration_bins", "expected_calibration_error", "plot_reliability_diagram", "reliability_table"]
-
-
-def calibration_bins(
-    confidence: np.ndarray, correct: np.ndarray, num_bins: int
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reliability-bin sufficient statistics for equal-width bins on [0, 1].
-
-    Bin of a confidence ``c`` is ``min(floor(c * B), B - 1)`` (so ``c == 1`` lands in the last bin;
-    values marginally outside [0, 1] from float round-off are clamped into the end bins).
-    Returns ``(counts int64, conf_sums float64, correct_sums int64)``, each of length ``num_bins``;
-    being sums they add up across images and ranks.
-    """
-    if num_bins < 1:
-        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
-    corr = np.asarray(correct).reshape(-1).astype(bool)
-    if conf.shape != corr.shape:
-        raise ValueError(f"confidence and correct differ in size: {conf.size} vs {corr.size}")
-    if not np.isfinite(conf).all():
-        raise ValueError("confidence contains NaN or inf")
-    idx = np.clip(np.floor(conf * num_bins), 0, num_bins - 1).astype(np.int64)
-    counts = np.bincount(idx, minlength=num_bins).astype(np.int64)
-    conf_sums = np.bincount(idx, weights=conf, minlength=num_bins).astype(np.float64)
-    correct_sums = np.bincount(idx[corr], minlength=num_bins).astype(np.int64)
-    return counts, conf_sums, correct_sums
+__all__ = ["expected_calibration_error", "plot_reliability_diagram", "reliability_table"]
 
 
 def expected_calibration_error(counts: np.ndarray, conf_sums: np.ndarray, correct_sums: np.ndarray) -> float:

@@ -144,10 +144,6 @@ class ScoreHistogram:
         """Number of finite bins (the two open end bins not included)."""
         return max(len(self.edges) - 1, 0)
 
-    @property
-    def num_pixels(self) -> int:
-        return int(self.counts.sum()) + self._buffered
-
     def _set_edges(self, edges: np.ndarray, counts: np.ndarray | None = None) -> None:
         self._edges = np.asarray(edges, dtype=np.float64)
         m = len(self._edges)

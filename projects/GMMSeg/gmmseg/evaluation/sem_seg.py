@@ -255,7 +255,7 @@ class SemSegEvaluator(DatasetEvaluator):
             conf, pred = probs.max(dim=0)  # first maximal index on ties, like argmax
             gt_v = gt[valid]
             pred_v = pred.reshape(-1)[valid]
-            conf_v = conf.reshape(-1)[valid].double()  # float64 binning, like calibration_bins
+            conf_v = conf.reshape(-1)[valid].double()  # float64 binning: c == 1 lands in the last bin
             correct = pred_v == gt_v
 
             cm = torch.bincount(gt_v * c + pred_v, minlength=c * c)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
@@ -37,18 +37,10 @@ __all__ = [
 def statistics_config(config_file: str, opts: list[str]) -> CfgNode:
     """The frozen, validated config of a trained softmax model whose statistics are to be fitted; the
     post-hoc test keys are cleared (the files they name are what is being made)."""
-    from gmmseg import add_gmmseg_config, validate_gmmseg_config  # loads the glue: datasets, models
+    from gmmseg import setup_cfg  # loads the glue (models); set-up registers the datasets
 
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    cfg.TEST.ANOMALY_SCORES = []
-    cfg.TEST.MAHALANOBIS_STATS = ""
-    cfg.TEST.POSTHOC_GMM = ""
-    validate_gmmseg_config(cfg)
-    cfg.freeze()
-    return cfg
+    cleared = ["TEST.ANOMALY_SCORES", "[]", "TEST.MAHALANOBIS_STATS", "", "TEST.POSTHOC_GMM", ""]
+    return setup_cfg(config_file, [*opts, *cleared])
 
 
 def training_set_features(cfg: CfgNode, max_images: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:

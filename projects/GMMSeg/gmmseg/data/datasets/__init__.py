@@ -29,7 +29,8 @@ folders and values (0 in-distribution, 1 anomaly, 255 void). ``gmmseg_datasets.r
 layout from the original Road Anomaly release.
 
 Paths are relative to ``$DETECTRON2_DATASETS`` (default ``./datasets``), read when a dataset is loaded,
-not when it is registered. Registration is cheap and happens at import of ``gmmseg.d2``; the file listing
+not when it is registered. Registration is cheap and is a step of set-up (``gmmseg.engine.setup_cfg``
+calls ``register_all_public_datasets``); the file listing
 happens on ``DatasetCatalog.get``, and a missing folder or file raises ``DatasetFormatError`` naming the
 path and what was expected there. Detectron2 v0.6 registers Cityscapes and ADE20K itself, but its loaders
 fail with bare ``assert`` messages (or silently use the intersection of images and labels) and its

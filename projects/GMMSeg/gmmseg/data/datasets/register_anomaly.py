@@ -20,8 +20,6 @@ from gmmseg.data.datasets.common import (
 from gmmseg.data.datasets.register_cityscapes import cityscapes_train_classes
 from gmmseg.data.folder_dataset import DatasetFormatError, pair_by_stem
 
-OOD_IN, OOD_ANOMALY, OOD_VOID = 0, 1, 255
-
 ANOMALY_SPLITS = {
     "fs_lost_and_found_val": ("fs_lost_and_found/original", "fs_lost_and_found/labels"),
     "fs_static_val": ("fs_static/original", "fs_static/labels"),
@@ -83,6 +81,5 @@ def register_anomaly_datasets(root: str | os.PathLike | None = None) -> list[str
             ignore_label=IGNORE_LABEL,
             evaluator_type="anomaly",
             has_ood=True,
-            ood_values={"in_distribution": OOD_IN, "anomaly": OOD_ANOMALY, "void": OOD_VOID},
         )
     return list(ANOMALY_SPLITS)

@@ -1,0 +1,332 @@
+"""Which config values GMMSeg-D2 accepts, checked before a run builds or writes anything.
+
+Declarative where it can be: ``KEY_RULES`` maps a key to a ``Rule`` (what one value must be, and the text
+that says so), checked by one loop; the few rules that relate keys to each other, or to the datasets'
+metadata, are the small functions of ``CROSS_KEY_RULES``. Any bad value raises ``ConfigValueError`` naming
+the full key. Nothing here registers datasets: ``gmmseg.engine.setup_cfg`` does that, before validating.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from gmmseg.config import MASK2FORMER_IMPORT_ERROR
+from gmmseg.modeling.anomaly_scores import SCORE_NAMES
+
+__all__ = [
+    "KEY_RULES",
+    "MASK_FORMER_ARCHITECTURES",
+    "RESUMABLE_TRAIN_SAMPLERS",
+    "ConfigValueError",
+    "Rule",
+    "validate_gmmseg_config",
+]
+
+# meta-architectures built on Mask2Former, and the transformer decoder each needs
+MASK_FORMER_ARCHITECTURES = {
+    "PosteriorMaskFormer": "MultiScaleMaskedTransformerDecoder",
+    "GMMMaskFormer": "GMMMultiScaleMaskedTransformerDecoder",
+}
+# DATALOADER.SAMPLER_TRAIN: shuffled epochs and the authors' class-balanced draws (GMMSegTrainer resumes
+# both mid-stream), or Detectron2's own samplers
+RESUMABLE_TRAIN_SAMPLERS = ("TrainingSampler", "ClassBalancedSampler")
+TRAIN_SAMPLERS = (*RESUMABLE_TRAIN_SAMPLERS, "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
+
+
+class ConfigValueError(ValueError):
+    """An invalid config value; the message starts with the full key."""
+
+    def __init__(self, key: str, value: Any, expected: str) -> None:
+        super().__init__(f"{key} = {value!r} is invalid: expected {expected}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key's value must be: ``accepts(value)``, and ``expected``, the text of the error."""
+
+    accepts: Callable[[Any], bool]
+    expected: str
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float))
+
+
+def integer(minimum: int, note: str = "") -> Rule:
+    """An int >= ``minimum``; ``note`` says what a special value means."""
+    text = f"an integer >= {minimum}" + (f" ({note})" if note else "")
+    return Rule(lambda v: isinstance(v, int) and v >= minimum, text)
+
+
+def at_least(minimum: float) -> Rule:
+    return Rule(lambda v: _is_number(v) and v >= minimum, f"a number >= {minimum}")
+
+
+def in_range(low: float, high: float, low_open: bool = False) -> Rule:
+    """A number in [low, high], or (low, high] with ``low_open``."""
+    return Rule(
+        lambda v: _is_number(v) and (low < v if low_open else low <= v) and v <= high,
+        f"a number in {'(' if low_open else '['}{low}, {high}]",
+    )
+
+
+def one_of(*options: str) -> Rule:
+    names = [repr(o) for o in options]
+    text = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    return Rule(lambda v: v in options, text)
+
+
+def existing_file(tool: str) -> Rule:
+    """Empty (not used) or a file that ``tools/<tool>`` writes."""
+    return Rule(lambda v: not v or os.path.isfile(v), f"an existing file (tools/{tool} writes it)")
+
+
+def _is_positive_int_pair(value: Any) -> bool:
+    return len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)
+
+
+POSITIVE = Rule(lambda v: _is_number(v) and v > 0, "a positive number")
+BOOLEAN = Rule(lambda v: isinstance(v, bool), "True or False")
+DEVICE = Rule(lambda v: isinstance(v, str) and (v == "cpu" or v.startswith("cuda")), "'cpu' or 'cuda[:N]'")
+HEIGHT_WIDTH = Rule(_is_positive_int_pair, "two positive integers (height, width)")
+ANOMALY_SCORE_NAMES = Rule(
+    lambda v: all(s in SCORE_NAMES for s in v) and len(set(v)) == len(v),
+    f"distinct names among {list(SCORE_NAMES)}",
+)
+SEMANTIC_ONLY = Rule(lambda v: not v, "False (GMMSeg-D2 runs semantic inference only)")
+
+# Checked in this order for every config; the first bad key is reported.
+KEY_RULES: dict[str, Rule] = {
+    "TEST.CALIBRATION_BINS": integer(1),
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES": integer(1),
+    "INPUT.RANDOM_FLIP": one_of("none", "horizontal", "vertical"),
+    "SOLVER.IMS_PER_BATCH": integer(1),
+    "SOLVER.MAX_ITER": integer(1),
+    "SOLVER.BASE_LR": POSITIVE,
+    "MODEL.DEVICE": DEVICE,
+    "SOLVER.OPTIMIZER": one_of("SGD", "ADAMW"),
+    "SOLVER.BACKBONE_MULTIPLIER": at_least(0),
+    "SOLVER.HEAD_MULTIPLIER": at_least(0),
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": one_of("value", "norm", "full_model"),
+    "DATALOADER.SAMPLER_TRAIN": one_of(*TRAIN_SAMPLERS),
+    "MODEL.GMM.MEMORY_CAPACITY": integer(0, "0: no memory, the current batches only"),
+    "MODEL.GMM.EMBED_DIM": integer(1),
+    "MODEL.GMM.NUM_COMPONENTS": integer(1),
+    "MODEL.GMM.MEMORY_PER_STEP": integer(1),
+    "MODEL.GMM.UPDATE_INTERVAL": integer(1),
+    "MODEL.GMM.SINKHORN_ITERS": integer(1),
+    "MODEL.GMM.MEMORY_SAMPLING": one_of("uniform", "random"),
+    "MODEL.GMM.MEMORY_DTYPE": one_of("float32", "float16"),
+    "MODEL.GMM.MEMORY_INIT": one_of("empty", "random"),
+    "MODEL.GMM.E_STEP": one_of("sinkhorn", "vanilla"),
+    "MODEL.GMM.CLASS_SCORE": one_of("wta", "mixture"),
+    "MODEL.GMM.LOGIT_NORM": one_of("layernorm", "none"),
+    "MODEL.GMM.PROJECTION_ACTIVATION": one_of("relu", "none"),
+    "MODEL.GMM.FIT": one_of("em", "backprop"),
+    "MODEL.GMM.MEAN_MOMENTUM": in_range(0.0, 1.0),
+    "MODEL.GMM.COV_MOMENTUM": in_range(0.0, 1.0),
+    "MODEL.GMM.VAR_FLOOR": in_range(0.0, math.inf, low_open=True),
+    "MODEL.GMM.SINKHORN_EPSILON": in_range(0.0, math.inf, low_open=True),
+    "MODEL.GMM.COMPONENT_LOSS_WEIGHT": in_range(0.0, math.inf),
+    "MODEL.GMM.LOGIT_NORM_INIT_SCALE": in_range(0.0, math.inf, low_open=True),
+    "MODEL.GMM.ENQUEUE_CORRECT_ONLY": BOOLEAN,
+    "TEST.ANOMALY_SCORES": ANOMALY_SCORE_NAMES,
+    "TEST.MAHALANOBIS_STATS": existing_file("fit_mahalanobis.py"),
+    "TEST.POSTHOC_GMM": existing_file("fit_posthoc_gmm.py"),
+    "TEST.ANOMALY_EVAL_MODE": one_of("auto", "exact", "histogram"),
+    "TEST.ANOMALY_MAX_EXACT_PIXELS": integer(1),
+    "TEST.ANOMALY_NUM_BINS": integer(2),
+    "TEST.SLIDING_WINDOW.SIZE": HEIGHT_WIDTH,
+    "TEST.SLIDING_WINDOW.STRIDE": HEIGHT_WIDTH,
+}
+# Keys that exist (Mask2Former installed) and matter only for the Mask2Former meta-architectures.
+MASK_FORMER_KEY_RULES: dict[str, Rule] = {
+    "MODEL.MASK_FORMER.TEST.PANOPTIC_ON": SEMANTIC_ONLY,
+    "MODEL.MASK_FORMER.TEST.INSTANCE_ON": SEMANTIC_ONLY,
+    "MODEL.MASK_FORMER.DEC_LAYERS": integer(1),
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES": integer(1),
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS": integer(1),
+    "MODEL.MASK_FORMER.NO_OBJECT_WEIGHT": at_least(0),
+}
+
+
+def _shown(value: Any) -> Any:
+    """Sequences are reported as lists, whether the YAML gave a list or the command line a tuple."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigValueError(key, _shown(value), expected)
+
+
+def lookup(cfg: CfgNode, key: str) -> Any:
+    """The value of a dotted key (``"MODEL.GMM.EMBED_DIM"``)."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_rules(cfg: CfgNode, rules: Mapping[str, Rule]) -> None:
+    """The one loop over a table of per-key rules."""
+    for key, rule in rules.items():
+        value = lookup(cfg, key)
+        _check(rule.accepts(value), key, value, rule.expected)
+
+
+def _ignore_value_is_not_a_class(cfg: CfgNode) -> None:
+    head = cfg.MODEL.SEM_SEG_HEAD
+    _check(
+        isinstance(head.IGNORE_VALUE, int)
+        and (head.IGNORE_VALUE < 0 or head.IGNORE_VALUE >= head.NUM_CLASSES),
+        "MODEL.SEM_SEG_HEAD.IGNORE_VALUE",
+        head.IGNORE_VALUE,
+        "a value that is not a class index",
+    )
+
+
+def _random_memory_needs_a_memory(cfg: CfgNode) -> None:
+    gmm = cfg.MODEL.GMM
+    _check(
+        gmm.MEMORY_INIT == "empty" or gmm.MEMORY_CAPACITY > 0,
+        "MODEL.GMM.MEMORY_INIT",
+        gmm.MEMORY_INIT,
+        "'empty' with MODEL.GMM.MEMORY_CAPACITY 0 (no memory: nothing to start full of random vectors)",
+    )
+
+
+def _mahalanobis_needs_statistics(cfg: CfgNode) -> None:
+    _check(
+        "mahalanobis" not in cfg.TEST.ANOMALY_SCORES or bool(cfg.TEST.MAHALANOBIS_STATS),
+        "TEST.MAHALANOBIS_STATS",
+        cfg.TEST.MAHALANOBIS_STATS,
+        "a statistics file (tools/fit_mahalanobis.py) when TEST.ANOMALY_SCORES has 'mahalanobis'",
+    )
+
+
+def _sliding_window_has_no_gaps(cfg: CfgNode) -> None:
+    window = cfg.TEST.SLIDING_WINDOW
+    _check(
+        all(st <= sz for st, sz in zip(window.STRIDE, window.SIZE)),
+        "TEST.SLIDING_WINDOW.STRIDE",
+        window.STRIDE,
+        f"no larger than TEST.SLIDING_WINDOW.SIZE {list(window.SIZE)} (no gaps)",
+    )
+
+
+def _posthoc_gmm_replaces_a_softmax_head(cfg: CfgNode) -> None:
+    _check(
+        not cfg.TEST.POSTHOC_GMM
+        or (
+            cfg.MODEL.META_ARCHITECTURE == "PosteriorSemanticSegmentor"
+            and not cfg.MODEL.SEM_SEG_HEAD.NAME.startswith("GMM")
+        ),
+        "TEST.POSTHOC_GMM",
+        cfg.TEST.POSTHOC_GMM,
+        "empty for GMM heads and Mask2Former (it replaces a per-pixel softmax head's classifier)",
+    )
+
+
+def _mask_former(cfg: CfgNode) -> None:
+    """Mask2Former is installed, its decoder and head match the meta-architecture, and no per-pixel
+    head score is asked of it."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in MASK_FORMER_ARCHITECTURES:
+        return
+    _check(
+        MASK2FORMER_IMPORT_ERROR is None,
+        "MODEL.META_ARCHITECTURE",
+        arch,
+        "an installed Mask2Former (python tools/install.py installs maskformer2; "
+        f"{MASK2FORMER_IMPORT_ERROR})",
+    )
+    decoder = MASK_FORMER_ARCHITECTURES[arch]
+    _check(
+        cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME == decoder,
+        "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME",
+        cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME,
+        f"'{decoder}' for MODEL.META_ARCHITECTURE '{arch}'",
+    )
+    _check(
+        cfg.MODEL.SEM_SEG_HEAD.NAME == "MaskFormerHead",
+        "MODEL.SEM_SEG_HEAD.NAME",
+        cfg.MODEL.SEM_SEG_HEAD.NAME,
+        f"'MaskFormerHead' for MODEL.META_ARCHITECTURE '{arch}'",
+    )
+    check_rules(cfg, MASK_FORMER_KEY_RULES)
+    _check(
+        not {"mahalanobis", "gmm_fullres"} & set(cfg.TEST.ANOMALY_SCORES) and not cfg.TEST.MAHALANOBIS_STATS,
+        "TEST.ANOMALY_SCORES",
+        cfg.TEST.ANOMALY_SCORES,
+        "no 'mahalanobis' or 'gmm_fullres' (per-pixel head scores) for mask-classification models",
+    )
+
+
+def _crop_size(cfg: CfgNode) -> None:
+    if cfg.INPUT.CROP.ENABLED:
+        size = list(cfg.INPUT.CROP.SIZE)
+        _check(len(size) == 2 and all(s > 0 for s in size), "INPUT.CROP.SIZE", size, "two positive numbers")
+
+
+def _datasets_agree_with_metadata(cfg: CfgNode) -> None:
+    """Every dataset is registered, and its class count and ignore label are the head's."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    registered = set(DatasetCatalog.list())
+    for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
+        for name in names:
+            _check(
+                name in registered,
+                key,
+                names,
+                f"registered datasets ('{name}' is not; gmmseg.engine.setup_cfg registers them)",
+            )
+            meta = MetadataCatalog.get(name)
+            classes = meta.get("stuff_classes", None)
+            if classes is not None:
+                _check(
+                    len(classes) == head.NUM_CLASSES,
+                    "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+                    head.NUM_CLASSES,
+                    f"{len(classes)}, the number of classes of {key} dataset '{name}'",
+                )
+            ignore = meta.get("ignore_label", None)
+            if ignore is not None:
+                _check(
+                    ignore == head.IGNORE_VALUE,
+                    "MODEL.SEM_SEG_HEAD.IGNORE_VALUE",
+                    head.IGNORE_VALUE,
+                    f"{ignore}, the ignore_label of {key} dataset '{name}'",
+                )
+
+
+# After KEY_RULES, in this order.
+CROSS_KEY_RULES: tuple[Callable[[CfgNode], None], ...] = (
+    _ignore_value_is_not_a_class,
+    _random_memory_needs_a_memory,
+    _mahalanobis_needs_statistics,
+    _sliding_window_has_no_gaps,
+    _posthoc_gmm_replaces_a_softmax_head,
+    _mask_former,
+    _crop_size,
+    _datasets_agree_with_metadata,
+)
+
+
+def validate_gmmseg_config(cfg: CfgNode) -> None:
+    """Check the values GMMSeg-D2 relies on; raise ConfigValueError naming the first bad key.
+
+    The datasets ``cfg`` names must be registered already (``gmmseg.engine.setup_cfg`` does it): their
+    metadata give the class count and ignore label the head must have.
+    """
+    check_rules(cfg, KEY_RULES)
+    for rule in CROSS_KEY_RULES:
+        rule(cfg)
