@@ -234,6 +234,10 @@ def fit_gmm(
     iterations or when the average log-likelihood improves by less than ``tol``. ``reg_covar`` is added
     to every variance (as scikit-learn does); ``learn_weights=False`` keeps uniform mixture weights.
     Computed in at least float32 on the features' device.
+
+    Why not scikit-learn's ``GaussianMixture`` (which ``tests/gmm/test_em.py`` checks this against): the
+    post-hoc baseline needs uniform weights, as the paper's GMMs have, and ``GaussianMixture`` always
+    learns them; and it runs on NumPy, so features gathered on a GPU would have to leave it.
     """
     dtype = compute_dtype(features)
     x = features.to(dtype)
