@@ -92,3 +92,23 @@ def register_dataset(name: str, loader: Callable[[], list[dict[str, Any]]], **me
         MetadataCatalog.remove(name)  # Metadata attributes cannot be overwritten, only replaced whole
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(**metadata)
+
+
+def register_paired_splits(
+    splits: dict[str, tuple[str, str]], root: str | os.PathLike | None, prepare_hint: str, **metadata: Any
+) -> list[str]:
+    """Register each ``name -> (image dir, label dir)`` of ``splits`` (paths relative to the datasets
+    root, ``.jpg`` images beside PNG labels, read lazily by ``load_paired_sem_seg``) with the same
+    ``metadata``, as a semantic-segmentation set without anomalies; return the names."""
+    for name, (image_rel, gt_rel) in splits.items():
+        register_dataset(
+            name,
+            lambda i=image_rel, g=gt_rel: load_paired_sem_seg(
+                dataset_root(root) / i, dataset_root(root) / g, (".jpg",), prepare_hint
+            ),
+            ignore_label=IGNORE_LABEL,
+            evaluator_type="sem_seg",
+            has_ood=False,
+            **metadata,
+        )
+    return list(splits)

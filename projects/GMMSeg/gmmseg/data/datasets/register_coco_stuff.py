@@ -5,13 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gmmseg.data.datasets.common import (
-    IGNORE_LABEL,
-    dataset_root,
-    label_colormap,
-    load_paired_sem_seg,
-    register_dataset,
-)
+from gmmseg.data.datasets.common import label_colormap, register_paired_splits
 
 COCO_STUFF_SPLITS = {
     "coco_2017_train_stuff_sem_seg": ("coco/train2017", "coco/stuffthingmaps_detectron2/train2017"),
@@ -66,20 +60,11 @@ def coco_stuff_categories() -> list[dict[str, Any]]:
 def register_coco_stuff(root: str | os.PathLike | None = None) -> list[str]:
     """Register ``coco_2017_{train,val}_stuff_sem_seg`` (COCO-Stuff-164k, 171 classes)."""
     categories = coco_stuff_categories()
-    for name, (image_rel, gt_rel) in COCO_STUFF_SPLITS.items():
-        register_dataset(
-            name,
-            lambda i=image_rel, g=gt_rel: load_paired_sem_seg(
-                dataset_root(root) / i,
-                dataset_root(root) / g,
-                (".jpg",),
-                "make stuffthingmaps_detectron2/ with: python datasets/prepare_coco_stuff_164k_sem_seg.py",
-            ),
-            stuff_classes=[c["name"] for c in categories],
-            stuff_colors=[tuple(c["color"]) for c in categories],
-            stuff_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
-            ignore_label=IGNORE_LABEL,
-            evaluator_type="sem_seg",
-            has_ood=False,
-        )
-    return list(COCO_STUFF_SPLITS)
+    return register_paired_splits(
+        COCO_STUFF_SPLITS,
+        root,
+        "make stuffthingmaps_detectron2/ with: python datasets/prepare_coco_stuff_164k_sem_seg.py",
+        stuff_classes=[c["name"] for c in categories],
+        stuff_colors=[tuple(c["color"]) for c in categories],
+        stuff_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
+    )
