@@ -9,8 +9,9 @@ Writes ``OUTPUT/<name>.md`` (the table), ``.json`` and ``.png`` (the curves).
 
 Usage: ``python benchmarks/convergence.py [--factor 2] [--eval-period N]
 [--iters T] [--main-iters N] [--only softmax|gmmseg] [--output output/benchmark_digitscapes]
-[--name convergence] [--quick]``. The main job (``tools/main.sh``) trains 600 iterations of the configs'
-protocol: ``--iters 600 --main-iters 600 --output output/benchmark_digitscapes_it600`` checks that schedule.
+[--name convergence] [--quick]``. The main job (``tools/main.sh``) trains 1,000 iterations of the
+configs' protocol: ``--iters 1000 --main-iters 1000 --output output/benchmark_digitscapes_it1000`` checks
+that schedule.
 ``--only`` lets the two heads train in two processes at once; a last call without it, which reuses every
 finished run, writes the table for both.
 """
