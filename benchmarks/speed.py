@@ -61,7 +61,11 @@ def load_model(config: Path, device: str, training: bool):
 
     cfg = load_cfg(config)  # what the config says, to choose the overrides
     opts = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]
-    is_gmm = "GMM" in cfg.MODEL.META_ARCHITECTURE or cfg.MODEL.SEM_SEG_HEAD.NAME.startswith("GMM")
+    is_gmm = (
+        "GMM" in cfg.MODEL.META_ARCHITECTURE
+        or cfg.MODEL.SEM_SEG_HEAD.NAME.startswith("GMM")
+        or cfg.MODEL.GMM.ENABLED
+    )
     opts += ["TEST.ANOMALY_SCORES", "('gmm',)" if is_gmm else "('msp',)"]
     opts += ["TEST.SLIDING_WINDOW.ENABLED", "False"]
     for key in SYNC_NORM_KEYS:

@@ -65,6 +65,11 @@ def add_gmmseg_config(cfg: CN) -> None:
 
     # GMMSeg: the generative classifier that replaces a head's softmax predictor (reference values).
     cfg.MODEL.GMM = CN()
+    # GMMSeg on any per-pixel head (PosteriorSemanticSegmentor): build MODEL.SEM_SEG_HEAD.NAME as usual, then
+    # replace its 1x1 softmax classifier by the GMM predictor: Detectron2's SemSegFPNHead, DeepLabV3PlusHead,
+    # DeepLabV3Head, or your own head of the same contract (gmmseg.modeling.convert_head_to_gmm). False for
+    # the GMM heads GMMDeepLabV3PlusHead and GMMSemSegFPNHead, which are that already.
+    cfg.MODEL.GMM.ENABLED = False
     cfg.MODEL.GMM.EMBED_DIM = 64  # D: pixel features are projected to D dims, LayerNorm-ed, L2-normalised
     # Activation after the per-pixel heads' 1x1 projection (+ norm): "relu" (reference) | "none". After a
     # ReLU, the LayerNorm maps every zeroed channel to the same value, which limits the embeddings'

@@ -16,9 +16,11 @@ from typing import Any
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from gmmseg.config import MASK2FORMER_IMPORT_ERROR
 from gmmseg.modeling.anomaly_scores import SCORE_NAMES
+from gmmseg.modeling.gmm_head import GMMHead
 
 __all__ = [
     "KEY_RULES",
@@ -117,6 +119,7 @@ KEY_RULES: dict[str, Rule] = {
     "SOLVER.HEAD_MULTIPLIER": at_least(0),
     "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": one_of("value", "norm", "full_model"),
     "DATALOADER.SAMPLER_TRAIN": one_of(*TRAIN_SAMPLERS),
+    "MODEL.GMM.ENABLED": BOOLEAN,
     "MODEL.GMM.MEMORY_CAPACITY": integer(0, "0: no memory, the current batches only"),
     "MODEL.GMM.EMBED_DIM": integer(1),
     "MODEL.GMM.NUM_COMPONENTS": integer(1),
@@ -229,10 +232,33 @@ def _posthoc_gmm_replaces_a_softmax_head(cfg: CfgNode) -> None:
         or (
             cfg.MODEL.META_ARCHITECTURE == "PosteriorSemanticSegmentor"
             and not cfg.MODEL.SEM_SEG_HEAD.NAME.startswith("GMM")
+            and not cfg.MODEL.GMM.ENABLED
         ),
         "TEST.POSTHOC_GMM",
         cfg.TEST.POSTHOC_GMM,
         "empty for GMM heads and Mask2Former (it replaces a per-pixel softmax head's classifier)",
+    )
+
+
+def _gmm_enabled_converts_a_softmax_head(cfg: CfgNode) -> None:
+    """``MODEL.GMM.ENABLED`` converts the head that ``PosteriorSemanticSegmentor`` builds; a registered
+    GMM head (``GMMHead``) has no softmax classifier left to convert."""
+    if not cfg.MODEL.GMM.ENABLED:
+        return
+    arch, name = cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.SEM_SEG_HEAD.NAME
+    _check(
+        arch == "PosteriorSemanticSegmentor",
+        "MODEL.GMM.ENABLED",
+        True,
+        f"False for MODEL.META_ARCHITECTURE '{arch}' (it converts PosteriorSemanticSegmentor's head; "
+        "Mask2Former's GMM model is GMMMaskFormer)",
+    )
+    head = SEM_SEG_HEADS_REGISTRY.get(name) if name in SEM_SEG_HEADS_REGISTRY else None
+    _check(
+        not (isinstance(head, type) and issubclass(head, GMMHead)),
+        "MODEL.GMM.ENABLED",
+        True,
+        f"False for MODEL.SEM_SEG_HEAD.NAME '{name}', a GMM head already (or name its softmax head)",
     )
 
 
@@ -315,6 +341,7 @@ CROSS_KEY_RULES: tuple[Callable[[CfgNode], None], ...] = (
     _mahalanobis_needs_statistics,
     _sliding_window_has_no_gaps,
     _posthoc_gmm_replaces_a_softmax_head,
+    _gmm_enabled_converts_a_softmax_head,
     _mask_former,
     _crop_size,
     _datasets_agree_with_metadata,

@@ -6,17 +6,21 @@ registered when Mask2Former (``maskformer2``) is installed, as ``tools/install.p
 
 from gmmseg.config import MASK2FORMER_IMPORT_ERROR
 
+from .gmm_head import GMMHead, build_sem_seg_head, convert_head_to_gmm
 from .gmm_heads import GMMDeepLabV3PlusHead, GMMSemSegFPNHead
 from .gmm_predictor import GMMPredictor, GMMPredictorBase, QueryGMMPredictor
 from .meta_arch import PosteriorSemanticSegmentor
 
 __all__ = [
     "GMMDeepLabV3PlusHead",
+    "GMMHead",
     "GMMPredictor",
     "GMMPredictorBase",
     "GMMSemSegFPNHead",
     "PosteriorSemanticSegmentor",
     "QueryGMMPredictor",
+    "build_sem_seg_head",
+    "convert_head_to_gmm",
 ]
 
 if MASK2FORMER_IMPORT_ERROR is None:

@@ -1,65 +1,38 @@
-"""GMM versions of Detectron2's semantic-segmentation heads: same feature paths, GMM predictor.
+"""The named GMM heads ``GMMDeepLabV3PlusHead`` and ``GMMSemSegFPNHead``: registered names for Detectron2's
+``DeepLabV3PlusHead`` and ``SemSegFPNHead`` with the GMM predictor, kept for existing configs.
 
-``GMMDeepLabV3PlusHead`` (Detectron2's DeepLab project) and ``GMMSemSegFPNHead`` (the FCN-style
-``SemSegFPNHead``) keep their parents' decoders and replace only the 1x1 softmax predictor by
-``GMMPredictor``, so a config that switches ``MODEL.SEM_SEG_HEAD.NAME`` turns a softmax model into GMMSeg.
-
-Inference returns ``({"logits": (N, C, H, W), "anomaly": (N, H, W)}, {})`` at the padded input resolution;
-``PosteriorSemanticSegmentor`` turns it into ``sem_seg`` posteriors and an ``anomaly`` map per image. Called
-with ``fullres_anomaly=True`` (the ``gmm_fullres`` score) the dict also holds ``"anomaly_fullres"``
-(N, H, W): ``-max_c log p(x|c)`` scored per input pixel on the upsampled, re-normalised embeddings
-(``GMMPredictor.fullres_anomaly_map``) rather than scored at stride ``common_stride`` and upsampled.
+They are what ``MODEL.GMM.ENABLED`` makes of those two heads (``gmm_head.convert_head_to_gmm``: same class,
+forward and parameter names), built in the order of earlier releases so that their runs and checkpoints
+stay bit for bit what they were: the ``GMMPredictor`` is drawn before the decoder (in ``from_config``), and
+DeepLabV3+'s softmax classifier, which the conversion would draw and drop, is never built.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 from detectron2.projects.deeplab import DeepLabV3PlusHead
-from torch import Tensor, nn
 
+from .gmm_head import GMMHead, attach_gmm_predictor, gmm_class_of
 from .gmm_predictor import GMMPredictor
 
 __all__ = ["GMMDeepLabV3PlusHead", "GMMSemSegFPNHead"]
 
 
-def _gmm_head_outputs(
-    head: nn.Module, decoder_features: Tensor, targets: Tensor | None, fullres_anomaly: bool = False
-):
-    """Shared forward of the GMM heads, given the decoder's (N, C_dec, H/s, W/s) features."""
-    outputs = head.gmm_predictor(decoder_features)
-    logits = F.interpolate(
-        outputs["logits"], scale_factor=head.common_stride, mode="bilinear", align_corners=False
-    )
-    if head.training:
-        losses = head.gmm_predictor.losses(outputs, targets, logits)
-        losses["loss_sem_seg"] = losses["loss_sem_seg"] * head.loss_weight
-        return None, losses
-    anomaly = GMMPredictor.anomaly_map(outputs)[:, None]
-    anomaly = F.interpolate(anomaly, scale_factor=head.common_stride, mode="bilinear", align_corners=False)[
-        :, 0
-    ]
-    maps = {"logits": logits, "anomaly": anomaly}
-    if fullres_anomaly:  # only when asked: it scores H x W pixels instead of H/s x W/s
-        maps["anomaly_fullres"] = head.gmm_predictor.fullres_anomaly_map(
-            outputs["embeddings"], tuple(logits.shape[-2:])
-        )
-    return maps, {}
-
-
 @SEM_SEG_HEADS_REGISTRY.register()
-class GMMDeepLabV3PlusHead(DeepLabV3PlusHead):
+@gmm_class_of(DeepLabV3PlusHead)
+class GMMDeepLabV3PlusHead(GMMHead, DeepLabV3PlusHead):
     """DeepLabV3+ (ASPP + decoder) with the GMM predictor on the decoder's output."""
 
     @configurable
     def __init__(self, input_shape, *, gmm_predictor: GMMPredictor, **kwargs: Any) -> None:
-        kwargs["num_classes"] = None  # the parent builds its decoder only
+        kwargs["num_classes"] = None  # the parent builds its decoder only (no softmax classifier drawn)
         super().__init__(input_shape, **kwargs)
-        self.gmm_predictor = gmm_predictor
+        self.decoder_only = False  # so that layers() calls self.predictor: the tap attached below
+        attach_gmm_predictor(self, gmm_predictor)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -69,29 +42,19 @@ class GMMDeepLabV3PlusHead(DeepLabV3PlusHead):
         )
         return ret
 
-    def forward(
-        self, features: dict[str, Tensor], targets: Tensor | None = None, *, fullres_anomaly: bool = False
-    ):
-        return _gmm_head_outputs(self, self.layers(features), targets, fullres_anomaly)
-
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class GMMSemSegFPNHead(SemSegFPNHead):
+@gmm_class_of(SemSegFPNHead)
+class GMMSemSegFPNHead(GMMHead, SemSegFPNHead):
     """The FCN-style FPN head (Panoptic FPN's semantic branch) with the GMM predictor."""
 
     @configurable
     def __init__(self, input_shape, *, gmm_predictor: GMMPredictor, **kwargs: Any) -> None:
-        super().__init__(input_shape, **kwargs)
-        self.predictor = nn.Identity()  # layers() now returns the fused features
-        self.gmm_predictor = gmm_predictor
+        super().__init__(input_shape, **kwargs)  # draws the softmax classifier, replaced as it always was
+        attach_gmm_predictor(self, gmm_predictor)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = SemSegFPNHead.from_config(cfg, input_shape)
         ret["gmm_predictor"] = GMMPredictor.from_config(cfg, in_channels=ret["conv_dims"])
         return ret
-
-    def forward(
-        self, features: dict[str, Tensor], targets: Tensor | None = None, *, fullres_anomaly: bool = False
-    ):
-        return _gmm_head_outputs(self, self.layers(features), targets, fullres_anomaly)

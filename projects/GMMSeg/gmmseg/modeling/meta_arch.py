@@ -30,6 +30,7 @@ from detectron2.structures import ImageList
 from torch import Tensor
 
 from .anomaly_scores import LOGIT_SCORES, SCORE_NAMES, MahalanobisStats, logit_scores, mahalanobis_score
+from .gmm_head import convert_head_to_gmm
 from .gmm_predictor import GMMPredictor
 from .posthoc import PosthocGMM
 
@@ -95,6 +96,8 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
     @classmethod
     def from_config(cls, cfg):
         ret = SemanticSegmentor.from_config(cfg)
+        if cfg.MODEL.GMM.ENABLED:  # GMMSeg on the registered head: its classifier becomes GMMPredictor
+            ret["sem_seg_head"] = convert_head_to_gmm(ret["sem_seg_head"], cfg)
         test = cfg.TEST
         ret["anomaly_scores"] = tuple(test.ANOMALY_SCORES)
         if test.MAHALANOBIS_STATS:
