@@ -11,7 +11,8 @@ from scipy.stats import entropy
 from torch import nn
 
 from gmmseg.modeling import PosteriorSemanticSegmentor
-from gmmseg.modeling.anomaly_scores import MahalanobisStats, logit_scores, mahalanobis_score
+from gmmseg.modeling.anomaly_scores import logit_scores
+from gmmseg.modeling.posthoc import MahalanobisStats, mahalanobis_score
 
 
 def test_logit_scores_match_scipy():

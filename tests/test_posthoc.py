@@ -12,7 +12,13 @@ from torch.distributions import Independent, Normal
 
 from gmmseg import add_gmmseg_config, validate_gmmseg_config
 from gmmseg.config_validation import ConfigValueError
-from gmmseg.modeling.posthoc import PosthocGMM, fit_posthoc_gmm
+from gmmseg.modeling.posthoc import (
+    MahalanobisStats,
+    PosthocGMM,
+    class_feature_samples,
+    fit_mahalanobis,
+    fit_posthoc_gmm,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "digitscapes"
 
@@ -29,6 +35,45 @@ def test_fit_recovers_each_class_clusters():
         assert torch.allclose(gmm.stds[c], torch.full((2, 2), 0.5), atol=0.1)
     with pytest.raises(ValueError, match="class 1 has 1 features"):
         fit_posthoc_gmm([features[0], torch.zeros(1, 2)], 2)
+
+
+def _images(num: int = 3, pixels: int = 50, dim: int = 4, num_classes: int = 3):
+    """Per image (P, F) float64 features and labels (P,) of classes 0 .. num_classes - 2 (the last unseen)."""
+    g = torch.Generator().manual_seed(0)
+    return [
+        (
+            torch.randn(pixels, dim, generator=g).double(),
+            torch.randint(0, num_classes - 1, (pixels,), generator=g),
+        )
+        for _ in range(num)
+    ]
+
+
+def test_fit_mahalanobis_streams_the_statistics_of_all_images():
+    images = _images()
+    stats = fit_mahalanobis(iter(images), num_classes=3)
+    x, labels = torch.cat([f for f, _ in images]), torch.cat([lab for _, lab in images])
+    sums = torch.zeros(3, 4, dtype=torch.float64).index_add_(0, labels, x)
+    reference = MahalanobisStats.from_sums(sums, torch.bincount(labels, minlength=3), x.T @ x)
+    torch.testing.assert_close(stats.means, reference.means, equal_nan=True)
+    torch.testing.assert_close(stats.precision, reference.precision)
+    assert torch.isnan(stats.means[2]).all()  # never seen: never the nearest
+    with pytest.raises(ValueError, match="no labelled pixels"):
+        fit_mahalanobis(iter([]), num_classes=3)
+
+
+def test_class_feature_samples_keep_at_most_per_image_then_per_class():
+    images = _images()
+    samples = class_feature_samples(iter(images), 3, per_image=5, max_per_class=12, seed=0)
+    assert [tuple(s.shape) for s in samples] == [(12, 4), (12, 4), (0, 1)]  # 3 images x 5, then 12
+    for c in range(2):  # features of that class only
+        own = torch.cat([f[lab == c] for f, lab in images]).float()
+        assert all((own == row).all(1).any() for row in samples[c])
+        assert samples[c].dtype == torch.float32
+    again = class_feature_samples(iter(images), 3, per_image=5, max_per_class=12, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(samples, again))  # seeded
+    few = class_feature_samples(iter(images), 3, per_image=2, max_per_class=100, seed=0)
+    assert [len(s) for s in few] == [6, 6, 0]
 
 
 def _softmax_cfg(*opts):

@@ -8,7 +8,7 @@
 
 Then evaluate with ``TEST.MAHALANOBIS_STATS <that file>``. Features are taken at the head's own
 resolution, with labels downsampled (nearest) to it; statistics are accumulated in float64 (sums and one
-outer-product sum), so memory does not grow with the dataset.
+outer-product sum), so memory does not grow with the dataset (``gmmseg.modeling.posthoc.fit_mahalanobis``).
 """
 
 from __future__ import annotations
@@ -22,31 +22,9 @@ pin_mkl_branch()
 import argparse
 import sys
 
-import torch
 from detectron2.utils.logger import setup_logger
 
-from gmmseg.modeling.anomaly_scores import MahalanobisStats
-from gmmseg.modeling.posthoc import statistics_config, training_set_features
-
-
-def fit(cfg, max_images: int | None = None) -> MahalanobisStats:
-    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    sums = counts = outer = None
-    try:
-        for x, labels in training_set_features(cfg, max_images):
-            if sums is None:
-                f = x.shape[1]
-                sums = torch.zeros(num_classes, f, dtype=torch.float64, device=x.device)
-                counts = torch.zeros(num_classes, dtype=torch.float64, device=x.device)
-                outer = torch.zeros(f, f, dtype=torch.float64, device=x.device)
-            sums.index_add_(0, labels, x)
-            counts += torch.bincount(labels, minlength=num_classes).double()
-            outer += x.T @ x
-    except ValueError as err:
-        raise SystemExit(str(err)) from err
-    if sums is None or counts.sum() == 0:
-        raise SystemExit("no labelled pixels found in the training set")
-    return MahalanobisStats.from_sums(sums.cpu(), counts.cpu(), outer.cpu())
+from gmmseg.modeling.posthoc import fit_mahalanobis, statistics_config, training_set_features
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logger(name="gmmseg")
     cfg = statistics_config(args.config_file, args.opts)
-    stats = fit(cfg, args.max_images)
+    features = training_set_features(cfg, args.max_images)
+    try:
+        stats = fit_mahalanobis(features, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     stats.save(args.output)
     print(f"wrote {args.output}: means {tuple(stats.means.shape)}, precision {tuple(stats.precision.shape)}")
     return 0

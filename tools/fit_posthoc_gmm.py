@@ -24,34 +24,14 @@ pin_mkl_branch()
 import argparse
 import sys
 
-import torch
 from detectron2.utils.logger import setup_logger
 
-from gmmseg.modeling.posthoc import fit_posthoc_gmm, statistics_config, training_set_features
-
-
-def collect(cfg, per_image: int, max_per_class: int, max_images: int | None, seed: int) -> list[torch.Tensor]:
-    """Random penultimate features of every class over the training set: a list of (N_c, F) float32."""
-    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    generator = torch.Generator().manual_seed(seed)
-    kept: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
-    features = training_set_features(cfg, max_images)
-    for x, labels in features:
-        x, labels = x.float().cpu(), labels.cpu()
-        order = torch.randperm(len(labels), generator=generator)  # random pixels of each class
-        x, labels = x[order], labels[order]
-        sorted_labels, index = torch.sort(labels, stable=True)
-        rank = torch.arange(len(labels)) - torch.searchsorted(sorted_labels, sorted_labels)
-        take = index[rank < per_image]  # the first per_image pixels of each class, in random order
-        for c in labels[take].unique().tolist():
-            kept[c].append(x[take][labels[take] == c])
-    out = []
-    for parts in kept:
-        feats = torch.cat(parts) if parts else torch.zeros(0, 1)
-        if len(feats) > max_per_class:
-            feats = feats[torch.randperm(len(feats), generator=generator)[:max_per_class]]
-        out.append(feats)
-    return out
+from gmmseg.modeling.posthoc import (
+    class_feature_samples,
+    fit_posthoc_gmm,
+    statistics_config,
+    training_set_features,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logger(name="gmmseg")
     cfg = statistics_config(args.config_file, args.opts)
     try:
-        features = collect(cfg, args.per_image, args.max_per_class, args.max_images, args.seed)
+        features = class_feature_samples(
+            training_set_features(cfg, args.max_images),
+            cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            args.per_image,
+            args.max_per_class,
+            args.seed,
+        )
         gmm = fit_posthoc_gmm(features, cfg.MODEL.GMM.NUM_COMPONENTS, seed=args.seed)
     except ValueError as err:
         raise SystemExit(f"fit_posthoc_gmm: {err}") from err

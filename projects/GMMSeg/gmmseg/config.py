@@ -45,7 +45,8 @@ def add_gmmseg_config(cfg: CN) -> None:
     # "gmm_fullres" (per-pixel GMM heads: -max_c log p(x|c) scored per input pixel on the upsampled,
     # re-normalised embeddings, not upsampled from stride 4), "msp", "entropy", "max_logit", "energy",
     # "mahalanobis". Empty: "gmm" for GMM heads; the four
-    # logit-based ones (+ "mahalanobis" when MAHALANOBIS_STATS is set) for softmax heads.
+    # logit-based ones (+ "mahalanobis" when MAHALANOBIS_STATS is set) for softmax heads. The scores, what
+    # each needs and these defaults are declared once, in gmmseg/modeling/anomaly_scores.py.
     cfg.TEST.ANOMALY_SCORES = []
     # Class means and shared precision of penultimate features (tools/fit_mahalanobis.py), for "mahalanobis".
     cfg.TEST.MAHALANOBIS_STATS = ""

@@ -2,7 +2,8 @@
 
 Declarative where it can be: ``KEY_RULES`` maps a key to a ``Rule`` (what one value must be, and the text
 that says so), checked by one loop; the few rules that relate keys to each other, or to the datasets'
-metadata, are the small functions of ``CROSS_KEY_RULES``. Any bad value raises ``ConfigValueError`` naming
+metadata, are the small functions of ``CROSS_KEY_RULES`` (those about anomaly scores read the scores'
+declarations, ``gmmseg.modeling.anomaly_scores``). Any bad value raises ``ConfigValueError`` naming
 the full key. Nothing here registers datasets: ``gmmseg.engine.setup_cfg`` does that, before validating.
 """
 
@@ -19,7 +20,12 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from gmmseg.config import MASK2FORMER_IMPORT_ERROR
-from gmmseg.modeling.anomaly_scores import SCORE_NAMES
+from gmmseg.modeling.anomaly_scores import (
+    ANOMALY_SCORES,
+    MASK_CLASSIFICATION_MAPS,
+    SCORE_NAMES,
+    scores_needing_more_than,
+)
 from gmmseg.modeling.gmm_head import GMMHead
 
 __all__ = [
@@ -207,13 +213,16 @@ def _random_memory_needs_a_memory(cfg: CfgNode) -> None:
     )
 
 
-def _mahalanobis_needs_statistics(cfg: CfgNode) -> None:
-    _check(
-        "mahalanobis" not in cfg.TEST.ANOMALY_SCORES or bool(cfg.TEST.MAHALANOBIS_STATS),
-        "TEST.MAHALANOBIS_STATS",
-        cfg.TEST.MAHALANOBIS_STATS,
-        "a statistics file (tools/fit_mahalanobis.py) when TEST.ANOMALY_SCORES has 'mahalanobis'",
-    )
+def _scores_have_their_statistics(cfg: CfgNode) -> None:
+    """Every score named that reads fitted statistics (``AnomalyScore.statistics``) has its file set."""
+    for name in cfg.TEST.ANOMALY_SCORES:
+        if ANOMALY_SCORES[name].statistics is None:
+            continue
+        key, tool = ANOMALY_SCORES[name].statistics
+        value = lookup(cfg, key)
+        _check(
+            bool(value), key, value, f"a statistics file (tools/{tool}) when TEST.ANOMALY_SCORES has {name!r}"
+        )
 
 
 def _sliding_window_has_no_gaps(cfg: CfgNode) -> None:
@@ -289,11 +298,12 @@ def _mask_former(cfg: CfgNode) -> None:
         f"'MaskFormerHead' for MODEL.META_ARCHITECTURE '{arch}'",
     )
     check_rules(cfg, MASK_FORMER_KEY_RULES)
+    per_pixel = scores_needing_more_than(MASK_CLASSIFICATION_MAPS)
     _check(
-        not {"mahalanobis", "gmm_fullres"} & set(cfg.TEST.ANOMALY_SCORES) and not cfg.TEST.MAHALANOBIS_STATS,
+        not set(per_pixel) & set(cfg.TEST.ANOMALY_SCORES) and not cfg.TEST.MAHALANOBIS_STATS,
         "TEST.ANOMALY_SCORES",
         cfg.TEST.ANOMALY_SCORES,
-        "no 'mahalanobis' or 'gmm_fullres' (per-pixel head scores) for mask-classification models",
+        f"no {' or '.join(map(repr, per_pixel))} (per-pixel head scores) for mask-classification models",
     )
 
 
@@ -338,7 +348,7 @@ def _datasets_agree_with_metadata(cfg: CfgNode) -> None:
 CROSS_KEY_RULES: tuple[Callable[[CfgNode], None], ...] = (
     _ignore_value_is_not_a_class,
     _random_memory_needs_a_memory,
-    _mahalanobis_needs_statistics,
+    _scores_have_their_statistics,
     _sliding_window_has_no_gaps,
     _posthoc_gmm_replaces_a_softmax_head,
     _gmm_enabled_converts_a_softmax_head,

@@ -54,6 +54,7 @@ from mask2former.modeling.transformer_decoder.maskformer_transformer_decoder imp
 )
 from torch import Tensor
 
+from .anomaly_scores import LOGITS, MASK_CLASSIFICATION_MAPS
 from .gmm_predictor import QueryGMMPredictor
 from .meta_arch import PosteriorSemanticSegmentor
 
@@ -216,10 +217,6 @@ class PosteriorMaskFormer(PosteriorSemanticSegmentor):
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict[str, Any]:
-        if cfg.TEST.MAHALANOBIS_STATS:
-            raise ValueError(
-                "the 'mahalanobis' score is for per-pixel softmax heads, not mask classification"
-            )
         ret = PosteriorSemanticSegmentor.from_config(cfg)
         mf = cfg.MODEL.MASK_FORMER
         matcher = HungarianMatcher(
@@ -246,6 +243,14 @@ class PosteriorMaskFormer(PosteriorSemanticSegmentor):
         ret["ignore_value"] = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         ret["deep_supervision"] = mf.DEEP_SUPERVISION
         return ret
+
+    def head_maps(self) -> frozenset[str]:
+        """Mask2Former's semantic scores serve as logits; no per-pixel class likelihoods."""
+        return frozenset({LOGITS})
+
+    def penultimate_layer(self) -> None:
+        """None: queries, not pixels, are classified, so post-hoc models of pixel features do not apply."""
+        return None
 
     def forward(self, batched_inputs: list[dict[str, Any]]):
         if not self.training:
@@ -326,6 +331,10 @@ class GMMMaskFormer(PosteriorMaskFormer):
                 "GMMMaskFormer needs MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "
                 "'GMMMultiScaleMaskedTransformerDecoder'"
             )
+
+    def head_maps(self) -> frozenset[str]:
+        """Logits and the query-likelihood ``anomaly`` map (``extra_maps``)."""
+        return MASK_CLASSIFICATION_MAPS
 
     @property
     def gmm_predictor(self) -> QueryGMMPredictor:

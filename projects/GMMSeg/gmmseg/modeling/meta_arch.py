@@ -6,15 +6,15 @@ need probabilities, and GMM heads also give a per-pixel anomaly score, so this m
 contract. Per image, at the input's original resolution:
 
 - ``sem_seg``: (C, H, W) class posteriors;
-- ``anomaly``: (H, W) ``-max_c log p(x|c)`` (GMM heads only);
-- ``anomaly_scores``: {name: (H, W)} the scores named by ``TEST.ANOMALY_SCORES`` (default: ``gmm`` for
-  GMM heads; ``msp``, ``entropy``, ``max_logit``, ``energy`` and, with ``TEST.MAHALANOBIS_STATS``,
-  ``mahalanobis`` for softmax heads), all from the same forward pass. ``gmm_fullres`` (per-pixel GMM heads,
-  only when named) scores each input pixel's upsampled, re-normalised embedding instead of upsampling the
-  scores of the head's grid.
+- ``anomaly``: (H, W) ``-max_c log p(x|c)`` (models with class likelihoods only);
+- ``anomaly_scores``: {name: (H, W)} the scores named by ``TEST.ANOMALY_SCORES``, all from the same forward
+  pass. Which scores exist, what each needs, and which a model gets by default is ``anomaly_scores.py``;
+  a model says which maps it gives (``head_maps`` and its post-hoc models), and computes the costly ones
+  (``gmm_fullres``, ``mahalanobis``) only when a score reads them.
 
 With ``TEST.POSTHOC_GMM`` (``tools/fit_posthoc_gmm.py``) a softmax model's classifier is replaced by GMMs
-fitted to its penultimate features after training: posteriors and the ``gmm`` score come from them.
+fitted to its penultimate features after training: posteriors and the ``gmm`` score come from them. The
+post-hoc models (that one, and the Mahalanobis statistics) are ``posthoc.py``.
 """
 
 from __future__ import annotations
@@ -27,12 +27,20 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
-from torch import Tensor
+from torch import Tensor, nn
 
-from .anomaly_scores import LOGIT_SCORES, SCORE_NAMES, MahalanobisStats, logit_scores, mahalanobis_score
+from .anomaly_scores import (
+    CLASS_LIKELIHOOD,
+    CLASS_LIKELIHOOD_FULLRES,
+    LOGITS,
+    compute_scores,
+    maps_needed,
+    resolve_scores,
+)
 from .gmm_head import convert_head_to_gmm
 from .gmm_predictor import GMMPredictor
-from .posthoc import PosthocGMM
+from .penultimate import PenultimateFeatures, penultimate_layer
+from .posthoc import MahalanobisStats, PosthocGMM
 
 __all__ = ["PosteriorSemanticSegmentor"]
 
@@ -59,39 +67,35 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        unknown = set(anomaly_scores) - set(SCORE_NAMES)
-        if unknown:
-            raise ValueError(f"unknown anomaly scores {sorted(unknown)}; expected some of {SCORE_NAMES}")
-        if "mahalanobis" in anomaly_scores and mahalanobis_stats is None:
-            raise ValueError(
-                "the 'mahalanobis' score needs TEST.MAHALANOBIS_STATS (tools/fit_mahalanobis.py)"
-            )
-        self.anomaly_score_names = tuple(anomaly_scores)
+        # plain tensors, not buffers: not part of the model's checkpoint
+        self.mahalanobis_stats = mahalanobis_stats
+        self.posthoc_gmm = posthoc_gmm
+        posthoc = [m for m in (mahalanobis_stats, posthoc_gmm) if m is not None]
+        available = set(self.head_maps())
+        if any(m.replaces_classifier for m in posthoc):  # the head's class maps are no longer the model's
+            available = {LOGITS}
+        for model in posthoc:
+            available |= set(model.maps)
+        self.anomaly_score_names = resolve_scores(tuple(anomaly_scores), available)
+        needed = maps_needed(self.anomaly_score_names)
         # the head scores full-resolution pixels only when asked (H x W x C x K log-likelihoods)
-        self.fullres_anomaly = "gmm_fullres" in anomaly_scores
-        if self.fullres_anomaly and (
-            posthoc_gmm is not None
-            or not isinstance(getattr(self.sem_seg_head, "gmm_predictor", None), GMMPredictor)
-        ):
-            raise ValueError(
-                "the 'gmm_fullres' anomaly score needs a per-pixel GMM head (GMMDeepLabV3PlusHead, "
-                "GMMSemSegFPNHead)"
-            )
+        self.fullres_anomaly = CLASS_LIKELIHOOD_FULLRES in needed
+        # post-hoc models run when their maps are read; one that replaces the classifier, always
+        self.posthoc_models = [m for m in posthoc if m.replaces_classifier or set(m.maps) & needed]
+        self._penultimate: PenultimateFeatures | None = None
+        if posthoc:
+            layer = self.penultimate_layer()
+            if layer is None:
+                raise ValueError(
+                    "the 'mahalanobis' score and TEST.POSTHOC_GMM need a per-pixel softmax head with a "
+                    "`predictor` layer (not mask classification)"
+                )
+            if self.posthoc_models:
+                self._penultimate = PenultimateFeatures(layer)
         # images are padded to a multiple of this (mask-classification models need more than the backbone)
         self.size_divisibility = self.backbone.size_divisibility
-        self.mahalanobis_stats = mahalanobis_stats
         self.sliding_window = sliding_window
         self.sliding_stride = sliding_stride
-        self.posthoc_gmm = posthoc_gmm  # plain tensors, not buffers: not part of the model's checkpoint
-        self._penultimate: Tensor | None = None
-        if mahalanobis_stats is not None or posthoc_gmm is not None:
-            predictor = getattr(self.sem_seg_head, "predictor", None)
-            if not isinstance(predictor, torch.nn.Module):
-                raise ValueError(
-                    "the 'mahalanobis' score and TEST.POSTHOC_GMM need a head with a `predictor` layer "
-                    "(softmax heads)"
-                )
-            predictor.register_forward_pre_hook(self._keep_penultimate)
 
     @classmethod
     def from_config(cls, cfg):
@@ -109,32 +113,26 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
             ret["sliding_stride"] = tuple(test.SLIDING_WINDOW.STRIDE)
         return ret
 
-    def _keep_penultimate(self, module: torch.nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        if not self.training:
-            self._penultimate = inputs[0].detach()
+    def head_maps(self) -> frozenset[str]:
+        """The maps (``anomaly_scores.MAPS``) the head gives at inference: logits, and a per-pixel GMM
+        head's class-likelihood maps."""
+        if isinstance(getattr(self.sem_seg_head, "gmm_predictor", None), GMMPredictor):
+            return frozenset({LOGITS, CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_FULLRES})
+        return frozenset({LOGITS})
+
+    def penultimate_layer(self) -> nn.Module | None:
+        """The layer whose input post-hoc models read (the head's classifier), or None."""
+        return penultimate_layer(self.sem_seg_head)
 
     def forward(self, batched_inputs: list[dict[str, Any]]):
         if self.training:
             return super().forward(batched_inputs)
         results = []
         for out in self.inference_outputs(batched_inputs):
-            result = {"sem_seg": F.softmax(out["logits"].float(), dim=0)}
-            is_gmm = "anomaly" in out
-            if is_gmm:
-                result["anomaly"] = out["anomaly"]
-            names = self.anomaly_score_names or (
-                ("gmm",) if is_gmm else LOGIT_SCORES + (("mahalanobis",) if self.mahalanobis_stats else ())
-            )
-            scores = logit_scores(out["logits"], [n for n in names if n in LOGIT_SCORES])
-            if "gmm" in names:
-                if not is_gmm:
-                    raise ValueError("the 'gmm' anomaly score needs a GMM head")
-                scores["gmm"] = out["anomaly"]
-            if "gmm_fullres" in names:
-                scores["gmm_fullres"] = out["anomaly_fullres"]
-            if "mahalanobis" in names:
-                scores["mahalanobis"] = out["mahalanobis"]
-            result["anomaly_scores"] = {n: scores[n] for n in names}
+            result = {"sem_seg": F.softmax(out[LOGITS].float(), dim=0)}
+            if CLASS_LIKELIHOOD in out:
+                result["anomaly"] = out[CLASS_LIKELIHOOD]
+            result["anomaly_scores"] = compute_scores(self.anomaly_score_names, out)
             results.append(result)
         return results
 
@@ -163,29 +161,18 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         return results
 
     def _window_maps(self, images: Tensor) -> dict[str, Tensor]:
-        """Backbone + head on a normalised (N, 3, h, w) batch: logits (N, C, h, w) and, where available,
-        anomaly and Mahalanobis maps (N, h, w), all at the batch's resolution."""
+        """Backbone + head on a normalised (N, 3, h, w) batch: logits (N, C, h, w) and the other maps the
+        scores need (N, h, w), all at the batch's resolution."""
         backbone_features = self.backbone(images)
         if self.fullres_anomaly:
             head_out, _ = self.sem_seg_head(backbone_features, fullres_anomaly=True)
         else:
             head_out, _ = self.sem_seg_head(backbone_features)
-        maps = dict(head_out) if isinstance(head_out, dict) else {"logits": head_out}
-        if self.mahalanobis_stats is None and self.posthoc_gmm is None:
-            return maps
-        features, self._penultimate = self._penultimate, None
-        if features is None:
-            raise RuntimeError("the head's predictor was not called: no penultimate features")
-        if self.mahalanobis_stats is not None:
-            dist = torch.stack([mahalanobis_score(f, self.mahalanobis_stats) for f in features])
-            maps["mahalanobis"] = F.interpolate(
-                dist[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False
-            )[:, 0]
-        if self.posthoc_gmm is not None:
-            scores = self.posthoc_gmm.class_scores(features)  # (N, C, h, w) log p(x|c)
-            logits = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            maps["logits"] = logits
-            maps["anomaly"] = -logits.amax(dim=1)
+        maps = dict(head_out) if isinstance(head_out, dict) else {LOGITS: head_out}
+        if self._penultimate is not None:
+            features = self._penultimate.pop()
+            for model in self.posthoc_models:
+                maps.update(model.window_maps(features, tuple(images.shape[-2:])))
         return maps
 
     def _sliding_maps(self, image: Tensor) -> dict[str, Tensor]:
