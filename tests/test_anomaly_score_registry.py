@@ -11,7 +11,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from torch import nn
 
-from gmmseg import add_gmmseg_config, validate_gmmseg_config
+from gmmseg import add_gmmseg_config, load_cfg, validate_gmmseg_config
 from gmmseg.config_validation import ConfigValueError, lookup
 from gmmseg.modeling import PosteriorSemanticSegmentor
 from gmmseg.modeling.anomaly_scores import (
@@ -101,11 +101,7 @@ def test_resolution_errors_name_the_key():
 
 
 def _cfg(config: str, *opts):
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(str(CONFIGS / config))
-    cfg.merge_from_list(["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", *opts])
-    return cfg
+    return load_cfg(CONFIGS / config, ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", *opts])
 
 
 @pytest.mark.parametrize(

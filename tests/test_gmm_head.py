@@ -10,14 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import write_folder_dataset
-from detectron2.config import get_cfg
 from detectron2.layers import Conv2d
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY, build_backbone, build_model
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 from detectron2.projects.deeplab import DeepLabV3Head, DeepLabV3PlusHead
 from torch import nn
 
-from gmmseg import add_gmmseg_config, validate_gmmseg_config
+from gmmseg import load_cfg, validate_gmmseg_config
 from gmmseg.config_validation import ConfigValueError
 from gmmseg.data.folder_dataset import register_folder_dataset
 from gmmseg.engine import GMMSegTrainer
@@ -63,11 +62,7 @@ CUSTOM_HEAD = TinyUserHeadOfGMMKeyTest.__name__
 
 
 def _cfg(config: str, *opts):
-    cfg = get_cfg()
-    add_gmmseg_config(cfg)
-    cfg.merge_from_file(str(CONFIGS / config))
-    cfg.merge_from_list(["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", *opts])
-    return cfg
+    return load_cfg(CONFIGS / config, ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", *opts])
 
 
 # a head name -> the softmax config and overrides that build it with the key on
