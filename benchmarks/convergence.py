@@ -9,9 +9,11 @@ Writes ``OUTPUT/<name>.md`` (the table), ``.json`` and ``.png`` (the curves).
 
 Usage: ``python benchmarks/convergence.py [--factor 2] [--eval-period N]
 [--iters T] [--main-iters N] [--only softmax|gmmseg] [--output output/benchmark_digitscapes]
-[--name convergence] [--quick]``. The main job (``tools/main.sh``) trains 1,000 iterations of the
+[--short-results results.json] [--name convergence] [--quick]``. The main job (``tools/main.sh``) trains 1,000 iterations of the
 configs' protocol: ``--iters 1000 --main-iters 1000 --output output/benchmark_digitscapes_it1000`` checks
 that schedule.
+``--short-results`` takes the T runs' val mIoU from a table ``digitscapes.py`` wrote at T iterations (for
+example ``benchmarks/results/headline.json``) instead of training them again: only the 2T runs train.
 ``--only`` lets the two heads train in two processes at once; a last call without it, which reuses every
 finished run, writes the table for both.
 """
@@ -43,6 +45,23 @@ def curve(run: Path, max_iter: int) -> list[tuple[int, float]]:
                 points.append((min(int(record["iteration"]) + 1, max_iter), float(record[key])))
                 break
     return points
+
+
+def recorded_miou(path: Path, iters: int) -> dict[str, float]:
+    """Seed-0 val mIoU of the headline pair in a table ``digitscapes.py`` wrote, checked to be at ``iters``."""
+    data = json.loads(path.read_text())
+    if data.get("iters") != iters or data.get("quick"):
+        raise SystemExit(f"{path} holds {data.get('iters')}-iteration runs, not T = {iters}")
+    found = {}
+    for row in data["rows"]:
+        seeds = row.get("seeds", [0])
+        if row["variant"] in bench.HEADLINE and 0 in seeds:
+            value = row["mIoU_seeds"][seeds.index(0)] if len(seeds) > 1 else row["mIoU"]
+            found.setdefault(row["variant"], float(value))
+    missing = [n for n in bench.HEADLINE if n not in found]
+    if missing:
+        raise SystemExit(f"{path} has no row for {', '.join(missing)}")
+    return found
 
 
 def converged(final_t: float, final_2t: float, tolerance: float) -> bool:
@@ -93,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=["softmax", "gmmseg"], default=None)
     parser.add_argument("--tolerance", type=float, default=1.0, help="mIoU points")
     parser.add_argument("--output", default=str(bench.REPO / "output" / "benchmark_digitscapes"))
+    parser.add_argument(
+        "--short-results",
+        default=None,
+        help="a digitscapes.py JSON at T iterations whose val mIoU stands for the T runs (not retrained)",
+    )
     parser.add_argument("--name", default="convergence")
     parser.add_argument("--quick", action="store_true", help="a few iterations on a tiny dataset")
     args = parser.parse_args(argv)
@@ -104,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     short = args.iters or main_iters
     long = short * args.factor
     names = [n for n in bench.HEADLINE if n in (args.only or bench.HEADLINE)]
-    progress = Progress((short + long) * len(names))
+    recorded = recorded_miou(Path(args.short_results), short) if args.short_results else {}
+    progress = Progress((0 if recorded else short) * len(names) + long * len(names))
     start = time.time()
     rows, curves, finals = [], {}, {}
 
@@ -122,9 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for name in names:
-            metrics, _ = train(name, short)
+            if recorded:
+                t = recorded[name]
+            else:
+                metrics, _ = train(name, short)
+                t = metrics["digitscapes_val"]["sem_seg"]["mIoU"]
             long_metrics, out = train(name, long)
-            t, t2 = (m["digitscapes_val"]["sem_seg"]["mIoU"] for m in (metrics, long_metrics))
+            t2 = long_metrics["digitscapes_val"]["sem_seg"]["mIoU"]
             curves[name] = curve(out, long)
             finals[name] = (short, t)
             rows.append(
@@ -154,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['description']} | {r['mIoU']:.2f} | {r['long_mIoU']:.2f} | {r['difference']:+.2f} | "
             f"{'yes' if r['converged'] else 'no'} |"
         )
-    data = {"factor": args.factor, "eval_period": args.eval_period, "rows": rows}
+    data = {"factor": args.factor, "eval_period": args.eval_period, "short_results": args.short_results, "rows": rows}
     write_results(
         root, args.name, "\n".join(lines) + "\n", data, lambda path: plot(curves, finals, path), start
     )

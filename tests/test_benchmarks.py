@@ -245,3 +245,64 @@ def test_settings_key_follows_the_merged_config_not_the_file_text(tmp_path):
     assert settings_key("gmmseg", leaf, ["SEED", "1"]) != key
     (tmp_path / "Base.yaml").write_text(base.replace("BASE_LR: 0.001", "BASE_LR: 0.002"))
     assert settings_key("gmmseg", leaf, ["SEED", "0"]) != key
+
+
+def _recorded_row(bench, variant: str, score: str, per_seed: dict[int, float]) -> dict:
+    """A row as digitscapes.py records it, every metric given ``per_seed[seed] + offset``."""
+    metrics = {seed: {key: value + i for i, key in enumerate(bench.METRICS)} for seed, value in per_seed.items()}
+    row = {"variant": variant, "description": variant, "score": score, "seeds": list(per_seed)}
+    for key in bench.METRICS:
+        values = [metrics[s][key] for s in per_seed]
+        row[key] = sum(values) / len(values)
+        if len(values) > 1:
+            row[f"{key}_std"] = 0.0  # wrong on purpose: the merge must recompute it from the values
+            row[f"{key}_seeds"] = values
+    return row
+
+
+def test_merge_seeds_pools_seeds_across_tables_and_recomputes_mean_and_sample_std(tmp_path):
+    """Seed 0 from one table, seeds 1 and 2 from another: the statistics of the three values (numpy's
+    ``ddof=1`` as the independent reference), a repeated identical seed counted once, a differing one refused."""
+    import numpy as np
+
+    bench = _load("digitscapes")
+    merge_seeds = _load("merge_seeds")
+    first = {"iters": 3000, "quick": False, "rows": [_recorded_row(bench, "gmmseg", "gmm", {0: 59.13})]}
+    later = {
+        "iters": 3000,
+        "quick": False,
+        "rows": [_recorded_row(bench, "gmmseg", "gmm", {1: 58.0, 2: 60.5, 0: 59.13})],
+    }
+    (row,) = merge_seeds.merge([first, later])
+    assert row["seeds"] == [0, 1, 2]
+    for i, key in enumerate(bench.METRICS):
+        values = np.array([59.13, 58.0, 60.5]) + i
+        assert row[key] == pytest.approx(values.mean())
+        assert row[f"{key}_std"] == pytest.approx(values.std(ddof=1))
+        assert row[f"{key}_seeds"] == pytest.approx(list(values))
+    clash = {"iters": 3000, "quick": False, "rows": [_recorded_row(bench, "gmmseg", "gmm", {0: 59.0})]}
+    with pytest.raises(SystemExit, match="seed 0"):
+        merge_seeds.merge([first, clash])
+    paths = []
+    for i, table in enumerate([first, {**later, "iters": 1000}]):
+        paths.append(tmp_path / f"t{i}.json")
+        paths[-1].write_text(json.dumps(table))
+    with pytest.raises(SystemExit, match="one schedule"):
+        merge_seeds.main([str(p) for p in paths])
+
+
+def test_convergence_takes_the_short_runs_from_a_recorded_table_only_at_their_schedule(tmp_path):
+    bench = _load("digitscapes")
+    conv = _load("convergence")
+    rows = [
+        _recorded_row(bench, "softmax", "msp", {0: 65.18}),
+        _recorded_row(bench, "gmmseg", "gmm", {1: 58.0, 0: 59.13}),
+    ]
+    path = tmp_path / "headline.json"
+    path.write_text(json.dumps({"iters": 3000, "quick": False, "rows": rows}))
+    assert conv.recorded_miou(path, 3000) == {"softmax": 65.18, "gmmseg": 59.13}  # seed 0, not the mean
+    with pytest.raises(SystemExit, match="not T = 1000"):
+        conv.recorded_miou(path, 1000)
+    path.write_text(json.dumps({"iters": 3000, "quick": False, "rows": rows[1:]}))
+    with pytest.raises(SystemExit, match="no row for softmax"):
+        conv.recorded_miou(path, 3000)

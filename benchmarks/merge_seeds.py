@@ -1,0 +1,108 @@
+"""One seeds table from several ``digitscapes.py`` tables: seeds trained in different invocations, processes
+or sessions (for example seed 0 in ``benchmarks/results/headline.json`` and seeds 1 and 2 trained later,
+one process per head).
+
+Each input row holds, per metric, its value for each of ``row["seeds"]`` (``<metric>_seeds`` when there are
+several, the value itself otherwise). Rows of the same variant and anomaly score are pooled by seed; a seed
+given twice must carry the same numbers (a rerun of the same seed is deterministic, so a difference means
+the inputs were not trained under one protocol) and is counted once. The output row holds the mean and the
+sample standard deviation over the pooled seeds, as ``digitscapes.py`` computes them.
+
+Usage: ``python benchmarks/merge_seeds.py A.json B.json ... [--output DIR] [--name seeds]``. All inputs
+must have the same number of iterations. Writes ``DIR/<name>.md``, ``.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import digitscapes as bench  # this folder's scripts: on sys.path as the running script's folder
+from runs import write_results
+
+
+def per_seed_values(row: dict) -> dict[int, dict[str, float | None]]:
+    """``{seed: {metric: value}}`` of one recorded row."""
+    seeds = row["seeds"]
+    out: dict[int, dict[str, float | None]] = {seed: {} for seed in seeds}
+    for key in bench.METRICS:
+        if len(seeds) > 1 and row.get(key) is not None:
+            values = row[f"{key}_seeds"]
+        else:
+            values = [row.get(key)] * len(seeds)  # one seed, or a metric absent for all of them
+        for seed, value in zip(seeds, values):
+            out[seed][key] = value
+    return out
+
+
+def same(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def merge(tables: list[dict]) -> list[dict]:
+    """Rows with each (variant, score)'s seeds pooled over ``tables``, in their first order of appearance."""
+    pooled: dict[tuple[str, str], dict[int, dict]] = {}
+    descriptions: dict[str, str] = {}
+    for table in tables:
+        for row in table["rows"]:
+            key = (row["variant"], row["score"])
+            descriptions[row["variant"]] = row["description"]
+            seen = pooled.setdefault(key, {})
+            for seed, values in per_seed_values(row).items():
+                if seed in seen and not all(same(seen[seed][k], values[k]) for k in bench.METRICS):
+                    raise SystemExit(f"{key[0]} ({key[1]}), seed {seed}: two inputs give different numbers")
+                seen.setdefault(seed, values)
+    rows = []
+    for (variant, score), by_seed in pooled.items():
+        seeds = sorted(by_seed)
+        row = {"variant": variant, "description": descriptions[variant], "score": score, "seeds": seeds}
+        for key in bench.METRICS:
+            values = [by_seed[s][key] for s in seeds]
+            if any(v is None for v in values):
+                row[key] = None
+                continue
+            row[key] = statistics.fmean(values)
+            if len(values) > 1:
+                row[f"{key}_std"] = bench.sample_std(values)
+                row[f"{key}_seeds"] = values
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("tables", nargs="+", help="digitscapes.py JSON files")
+    parser.add_argument("--output", default=str(bench.REPO / "output" / "benchmark_digitscapes"))
+    parser.add_argument("--name", default="seeds")
+    args = parser.parse_args(argv)
+    start = time.time()
+    tables = [json.loads(Path(p).read_text()) for p in args.tables]
+    iters = {t["iters"] for t in tables}
+    if len(iters) != 1 or any(t.get("quick") for t in tables):
+        raise SystemExit(f"the inputs must share one schedule and none be --quick (iterations: {sorted(iters)})")
+    rows = merge(tables)
+    all_seeds = sorted({s for r in rows for s in r["seeds"]})
+    header = (
+        f"### DigitScapes: softmax vs GMMSeg DeepLabV3+ R18 ({iters.pop()} iterations at batch 16, seeds "
+        f"{', '.join(map(str, all_seeds))} where given: mean ± sample standard deviation)"
+    )
+    data = {"iters": tables[0]["iters"], "quick": False, "seeds": all_seeds, "inputs": args.tables, "rows": rows}
+    root = Path(args.output)
+    root.mkdir(parents=True, exist_ok=True)
+    write_results(
+        root, args.name, bench.markdown(rows, header), data, lambda path: bench.plot(rows, path), start
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
