@@ -9,9 +9,9 @@ Writes ``OUTPUT/<name>.md`` (the table), ``.json`` and ``.png`` (the curves).
 
 Usage: ``python benchmarks/convergence.py [--factor 2] [--eval-period N]
 [--iters T] [--main-iters N] [--only softmax|gmmseg] [--output output/benchmark_digitscapes]
-[--short-results results.json] [--name convergence] [--quick]``. The main job (``tools/main.sh``) trains 1,000 iterations of the
-configs' protocol: ``--iters 1000 --main-iters 1000 --output output/benchmark_digitscapes_it1000`` checks
-that schedule.
+[--short-results results.json] [--name convergence] [--quick]``. The main job (``tools/main.sh``) trains
+1,000 iterations of the configs' protocol:
+``--iters 1000 --main-iters 1000 --output output/benchmark_digitscapes_it1000`` checks that schedule.
 ``--short-results`` takes the T runs' val mIoU from a table ``digitscapes.py`` wrote at T iterations (for
 example ``benchmarks/results/headline.json``) instead of training them again: only the 2T runs train.
 ``--only`` lets the two heads train in two processes at once; a last call without it, which reuses every
@@ -48,7 +48,7 @@ def curve(run: Path, max_iter: int) -> list[tuple[int, float]]:
 
 
 def recorded_miou(path: Path, iters: int) -> dict[str, float]:
-    """Seed-0 val mIoU of the headline pair in a table ``digitscapes.py`` wrote, checked to be at ``iters``."""
+    """Seed-0 val mIoU of the headline pair in a ``digitscapes.py`` table, checked to be at ``iters``."""
     data = json.loads(path.read_text())
     if data.get("iters") != iters or data.get("quick"):
         raise SystemExit(f"{path} holds {data.get('iters')}-iteration runs, not T = {iters}")
@@ -183,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['description']} | {r['mIoU']:.2f} | {r['long_mIoU']:.2f} | {r['difference']:+.2f} | "
             f"{'yes' if r['converged'] else 'no'} |"
         )
-    data = {"factor": args.factor, "eval_period": args.eval_period, "short_results": args.short_results, "rows": rows}
+    data = {
+        "factor": args.factor,
+        "eval_period": args.eval_period,
+        "short_results": args.short_results,
+        "rows": rows,
+    }
     write_results(
         root, args.name, "\n".join(lines) + "\n", data, lambda path: plot(curves, finals, path), start
     )

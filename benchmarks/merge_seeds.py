@@ -88,14 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     tables = [json.loads(Path(p).read_text()) for p in args.tables]
     iters = {t["iters"] for t in tables}
     if len(iters) != 1 or any(t.get("quick") for t in tables):
-        raise SystemExit(f"the inputs must share one schedule and none be --quick (iterations: {sorted(iters)})")
+        raise SystemExit(
+            f"the inputs must share one schedule and none be --quick (iterations: {sorted(iters)})"
+        )
     rows = merge(tables)
     all_seeds = sorted({s for r in rows for s in r["seeds"]})
     header = (
         f"### DigitScapes: softmax vs GMMSeg DeepLabV3+ R18 ({iters.pop()} iterations at batch 16, seeds "
         f"{', '.join(map(str, all_seeds))} where given: mean ± sample standard deviation)"
     )
-    data = {"iters": tables[0]["iters"], "quick": False, "seeds": all_seeds, "inputs": args.tables, "rows": rows}
+    data = {
+        "iters": tables[0]["iters"],
+        "quick": False,
+        "seeds": all_seeds,
+        "inputs": args.tables,
+        "rows": rows,
+    }
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
     write_results(

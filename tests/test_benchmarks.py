@@ -249,7 +249,9 @@ def test_settings_key_follows_the_merged_config_not_the_file_text(tmp_path):
 
 def _recorded_row(bench, variant: str, score: str, per_seed: dict[int, float]) -> dict:
     """A row as digitscapes.py records it, every metric given ``per_seed[seed] + offset``."""
-    metrics = {seed: {key: value + i for i, key in enumerate(bench.METRICS)} for seed, value in per_seed.items()}
+    metrics = {
+        seed: {key: value + i for i, key in enumerate(bench.METRICS)} for seed, value in per_seed.items()
+    }
     row = {"variant": variant, "description": variant, "score": score, "seeds": list(per_seed)}
     for key in bench.METRICS:
         values = [metrics[s][key] for s in per_seed]
@@ -262,7 +264,7 @@ def _recorded_row(bench, variant: str, score: str, per_seed: dict[int, float]) -
 
 def test_merge_seeds_pools_seeds_across_tables_and_recomputes_mean_and_sample_std(tmp_path):
     """Seed 0 from one table, seeds 1 and 2 from another: the statistics of the three values (numpy's
-    ``ddof=1`` as the independent reference), a repeated identical seed counted once, a differing one refused."""
+    ``ddof=1`` as the independent reference); a repeated identical seed counts once, a differing one fails."""
     import numpy as np
 
     bench = _load("digitscapes")
