@@ -22,6 +22,7 @@ from gmmseg.modeling.anomaly_scores import (
     MAHALANOBIS,
     MAPS,
     MASK_CLASSIFICATION_MAPS,
+    MASK_CLASSIFICATION_SOFTMAX_MAPS,
     SCORE_NAMES,
     compute_scores,
     default_scores,
@@ -42,7 +43,17 @@ def _maps(keys, c: int = 5, h: int = 4, w: int = 6) -> dict[str, torch.Tensor]:
 
 
 def test_the_registry_holds_every_score_of_the_config_comment():
-    assert SCORE_NAMES == ("gmm", "gmm_fullres", "msp", "entropy", "max_logit", "energy", "mahalanobis")
+    assert SCORE_NAMES == (
+        "gmm",
+        "gmm_fullres",
+        "gmm_assigned",
+        "msp",
+        "entropy",
+        "max_logit",
+        "energy",
+        "rba",
+        "mahalanobis",
+    )
 
 
 @pytest.mark.parametrize("name", SCORE_NAMES)
@@ -75,7 +86,8 @@ def test_scores_of_the_models_own_maps_are_those_maps():
 @pytest.mark.parametrize(
     "available, expected",
     [
-        ({LOGITS}, ("msp", "entropy", "max_logit", "energy")),  # softmax head, Mask2Former
+        ({LOGITS}, ("msp", "entropy", "max_logit", "energy")),  # per-pixel softmax head
+        (MASK_CLASSIFICATION_SOFTMAX_MAPS, ("msp", "entropy", "max_logit", "energy", "rba")),  # Mask2Former
         ({LOGITS, MAHALANOBIS}, ("msp", "entropy", "max_logit", "energy", "mahalanobis")),
         (PER_PIXEL_GMM_HEAD, ("gmm",)),  # gmm_fullres only when named
         (MASK_CLASSIFICATION_MAPS, ("gmm",)),  # GMMMaskFormer's query-likelihood score

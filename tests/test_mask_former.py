@@ -217,7 +217,7 @@ def test_inference_outputs_at_input_resolution(kind):
             assert list(scores) == ["gmm"] and torch.equal(scores["gmm"], result["anomaly"])
         else:
             assert "anomaly" not in result
-            assert list(scores) == ["msp", "entropy", "max_logit", "energy"]
+            assert list(scores) == ["msp", "entropy", "max_logit", "energy", "rba"]
         assert all(v.shape == (100, 80) and torch.isfinite(v).all() for v in scores.values())
 
 

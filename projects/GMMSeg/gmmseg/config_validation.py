@@ -23,6 +23,7 @@ from gmmseg.config import MASK2FORMER_IMPORT_ERROR
 from gmmseg.modeling.anomaly_scores import (
     ANOMALY_SCORES,
     MASK_CLASSIFICATION_MAPS,
+    MASK_CLASSIFICATION_SOFTMAX_MAPS,
     SCORE_NAMES,
     scores_needing_more_than,
 )
@@ -41,6 +42,11 @@ __all__ = [
 MASK_FORMER_ARCHITECTURES = {
     "PosteriorMaskFormer": "MultiScaleMaskedTransformerDecoder",
     "GMMMaskFormer": "GMMMultiScaleMaskedTransformerDecoder",
+}
+# ... and the maps each gives to anomaly scores (its ``head_maps``)
+MASK_FORMER_MAPS = {
+    "PosteriorMaskFormer": MASK_CLASSIFICATION_SOFTMAX_MAPS,
+    "GMMMaskFormer": MASK_CLASSIFICATION_MAPS,
 }
 # DATALOADER.SAMPLER_TRAIN: shuffled epochs and the authors' class-balanced draws (GMMSegTrainer resumes
 # both mid-stream), or Detectron2's own samplers
@@ -272,8 +278,8 @@ def _gmm_enabled_converts_a_softmax_head(cfg: CfgNode) -> None:
 
 
 def _mask_former(cfg: CfgNode) -> None:
-    """Mask2Former is installed, its decoder and head match the meta-architecture, and no per-pixel
-    head score is asked of it."""
+    """Mask2Former is installed, its decoder and head match the meta-architecture, and no score it cannot
+    give (per-pixel head scores; GMM scores of the softmax one) is asked of it."""
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch not in MASK_FORMER_ARCHITECTURES:
         return
@@ -298,12 +304,13 @@ def _mask_former(cfg: CfgNode) -> None:
         f"'MaskFormerHead' for MODEL.META_ARCHITECTURE '{arch}'",
     )
     check_rules(cfg, MASK_FORMER_KEY_RULES)
-    per_pixel = scores_needing_more_than(MASK_CLASSIFICATION_MAPS)
+    refused = scores_needing_more_than(MASK_FORMER_MAPS[arch])
+    names = [repr(n) for n in refused]
     _check(
-        not set(per_pixel) & set(cfg.TEST.ANOMALY_SCORES) and not cfg.TEST.MAHALANOBIS_STATS,
+        not set(refused) & set(cfg.TEST.ANOMALY_SCORES) and not cfg.TEST.MAHALANOBIS_STATS,
         "TEST.ANOMALY_SCORES",
         cfg.TEST.ANOMALY_SCORES,
-        f"no {' or '.join(map(repr, per_pixel))} (per-pixel head scores) for mask-classification models",
+        f"no {', '.join(names[:-1])} or {names[-1]} (scores MODEL.META_ARCHITECTURE '{arch}' cannot give)",
     )
 
 

@@ -10,6 +10,9 @@ compared on exactly the same pixels:
   ownership) or a post-hoc GMM fitted to a softmax model's penultimate features (``TEST.POSTHOC_GMM``);
 - ``anomaly_fullres`` (H, W): the same scored per input pixel, on the embeddings upsampled and put back on
   the unit sphere (``GMMPredictor.fullres_anomaly_map``): per-pixel GMM heads, computed only when asked;
+- ``anomaly_assigned`` (H, W): GMMMaskFormer's query likelihood of the one query that claims each pixel
+  (hard ownership, ``mask_anomaly.assigned_query_anomaly``);
+- ``rba`` (H, W): "Rejected by All" of a Mask2Former's class scores (``mask_anomaly.rejected_by_all``);
 - ``mahalanobis`` (H, W): the Mahalanobis distance of the penultimate features to the nearest class mean
   under a shared covariance (Lee et al. 2018), from statistics fitted on the training set
   (``TEST.MAHALANOBIS_STATS``, ``tools/fit_mahalanobis.py``; ``posthoc.MahalanobisStats``).
@@ -32,6 +35,7 @@ from torch import Tensor
 __all__ = [
     "ANOMALY_SCORES",
     "CLASS_LIKELIHOOD",
+    "CLASS_LIKELIHOOD_ASSIGNED",
     "CLASS_LIKELIHOOD_FULLRES",
     "DISCRIMINATIVE",
     "GENERATIVE",
@@ -40,6 +44,8 @@ __all__ = [
     "MAHALANOBIS",
     "MAPS",
     "MASK_CLASSIFICATION_MAPS",
+    "MASK_CLASSIFICATION_SOFTMAX_MAPS",
+    "REJECTED_BY_ALL",
     "SCORE_NAMES",
     "AnomalyScore",
     "compute_scores",
@@ -53,16 +59,22 @@ __all__ = [
 LOGITS = "logits"
 CLASS_LIKELIHOOD = "anomaly"
 CLASS_LIKELIHOOD_FULLRES = "anomaly_fullres"
+CLASS_LIKELIHOOD_ASSIGNED = "anomaly_assigned"
+REJECTED_BY_ALL = "rba"
 MAHALANOBIS = "mahalanobis"
 # the maps a score may need, and what gives each (the module docstring says more)
 MAPS: dict[str, str] = {
     LOGITS: "every model",
     CLASS_LIKELIHOOD: "a GMM head, GMMMaskFormer or TEST.POSTHOC_GMM",
     CLASS_LIKELIHOOD_FULLRES: "a per-pixel GMM head, when asked",
+    CLASS_LIKELIHOOD_ASSIGNED: "GMMMaskFormer, when asked",
+    REJECTED_BY_ALL: "a Mask2Former (PosteriorMaskFormer, GMMMaskFormer), when asked",
     MAHALANOBIS: "a softmax head's penultimate features and TEST.MAHALANOBIS_STATS",
 }
-# the most a mask-classification model gives: it has no per-pixel embeddings nor a per-pixel classifier
-MASK_CLASSIFICATION_MAPS = frozenset({LOGITS, CLASS_LIKELIHOOD})
+# the most a mask-classification model gives (GMMMaskFormer): it has no per-pixel embeddings nor a
+# per-pixel classifier; the softmax one (PosteriorMaskFormer) has no class likelihoods either
+MASK_CLASSIFICATION_MAPS = frozenset({LOGITS, CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_ASSIGNED, REJECTED_BY_ALL})
+MASK_CLASSIFICATION_SOFTMAX_MAPS = frozenset({LOGITS, REJECTED_BY_ALL})
 
 # Kinds of model, for the defaults: a model with class likelihoods is scored by them alone (the paper's
 # GMMSeg score); a discriminative one by every post-hoc score it can give.
@@ -131,6 +143,9 @@ def _map(key: str) -> Callable[[Mapping[str, Tensor]], Tensor]:
 # The registry is this table, complete when the module is imported: the config's rules and the derived
 # names below are read from it then. A new score is one more entry here (and a map in MAPS if it needs one).
 _GMM_HEADS = "GMMDeepLabV3PlusHead, GMMSemSegFPNHead"
+# Mask2Former's scores (mask_anomaly.py): the GMMSeg paper prescribes none for it; "gmm" (soft ownership)
+# stays GMMMaskFormer's default, "gmm_assigned" only when named; "rba" is post-hoc, so it joins the
+# softmax models' defaults (every post-hoc score a discriminative model can give).
 for _score in (
     AnomalyScore(
         "gmm",
@@ -146,10 +161,25 @@ for _score in (
         _map(CLASS_LIKELIHOOD_FULLRES),
         requirement=f"the 'gmm_fullres' anomaly score needs a per-pixel GMM head ({_GMM_HEADS})",
     ),
+    AnomalyScore(
+        "gmm_assigned",
+        (CLASS_LIKELIHOOD_ASSIGNED,),
+        _map(CLASS_LIKELIHOOD_ASSIGNED),
+        requirement="the 'gmm_assigned' anomaly score needs GMMMaskFormer (the query likelihood of the "
+        "query that claims each pixel)",
+    ),
     AnomalyScore("msp", (LOGITS,), _msp, default_for=(DISCRIMINATIVE,)),
     AnomalyScore("entropy", (LOGITS,), _entropy, default_for=(DISCRIMINATIVE,)),
     AnomalyScore("max_logit", (LOGITS,), _max_logit, default_for=(DISCRIMINATIVE,)),
     AnomalyScore("energy", (LOGITS,), _energy, default_for=(DISCRIMINATIVE,)),
+    AnomalyScore(
+        "rba",
+        (REJECTED_BY_ALL,),
+        _map(REJECTED_BY_ALL),
+        default_for=(DISCRIMINATIVE,),
+        requirement="the 'rba' anomaly score needs a mask-classification model (PosteriorMaskFormer or "
+        "GMMMaskFormer: per-query class probabilities and masks)",
+    ),
     AnomalyScore(
         "mahalanobis",
         (MAHALANOBIS,),

@@ -32,7 +32,9 @@ whose masks claim it. So the pixel score is the expected query score under the p
 with the same query weighting as Mask2Former's semantic inference (mask probability times the query's
 object probability), so queries rejected as "no object" do not dilute the score, and an object that no
 class mixture explains, claimed by a query with an unlikely embedding, scores high. A small uniform floor
-in ``w`` keeps ``pi`` defined where no query claims a pixel.
+in ``w`` keeps ``pi`` defined where no query claims a pixel. The other mask-classification maps (the
+claiming query's likelihood, RbA) and why this one is the default: ``mask_anomaly.py``; each is computed
+only when a score of ``TEST.ANOMALY_SCORES`` reads it.
 """
 
 from __future__ import annotations
@@ -54,21 +56,32 @@ from mask2former.modeling.transformer_decoder.maskformer_transformer_decoder imp
 )
 from torch import Tensor
 
-from .anomaly_scores import LOGITS, MASK_CLASSIFICATION_MAPS
+from .anomaly_scores import (
+    CLASS_LIKELIHOOD,
+    CLASS_LIKELIHOOD_ASSIGNED,
+    LOGITS,
+    MASK_CLASSIFICATION_MAPS,
+    MASK_CLASSIFICATION_SOFTMAX_MAPS,
+    REJECTED_BY_ALL,
+)
 from .gmm_predictor import QueryGMMPredictor
+from .mask_anomaly import (
+    OWNERSHIP_FLOOR,
+    assigned_query_anomaly,
+    mask_classification_anomaly,
+    rejected_by_all,
+)
 from .meta_arch import PosteriorSemanticSegmentor
 
 __all__ = [
     "GMMMaskFormer",
     "GMMMultiScaleMaskedTransformerDecoder",
+    "OWNERSHIP_FLOOR",
     "MaskFormerCriterion",
     "PosteriorMaskFormer",
     "mask_classification_anomaly",
     "mask_classification_scores",
 ]
-
-# uniform floor of the pixel-to-query ownership weights (see the module docstring)
-OWNERSHIP_FLOOR = 1e-6
 
 
 def _use_eager_mask_losses() -> None:
@@ -177,16 +190,6 @@ def mask_classification_scores(mask_cls: Tensor, mask_pred: Tensor) -> Tensor:
     return torch.einsum("bqc,bqhw->bchw", probs, mask_pred.float().sigmoid())
 
 
-def mask_classification_anomaly(mask_cls: Tensor, mask_pred: Tensor, query_score: Tensor) -> Tensor:
-    """Per-pixel GMM anomaly (B, H, W) from queries: ``-sum_q pi_q(x) query_score_q`` with ownership
-    ``pi_q(x)`` proportional to ``(1 - p(no object|q)) sigmoid(m_q(x))`` (module docstring);
-    ``query_score`` (B, Q) is ``max_c log p(e_q|c)`` over the real classes."""
-    object_prob = 1.0 - F.softmax(mask_cls.float(), dim=-1)[..., -1]
-    weights = object_prob[..., None, None] * mask_pred.float().sigmoid() + OWNERSHIP_FLOOR
-    ownership = weights / weights.sum(dim=1, keepdim=True)
-    return -torch.einsum("bqhw,bq->bhw", ownership, query_score.float())
-
-
 @META_ARCH_REGISTRY.register()
 class PosteriorMaskFormer(PosteriorSemanticSegmentor):
     """Mask2Former (semantic) with the project's data, evaluation and inference contract.
@@ -245,8 +248,8 @@ class PosteriorMaskFormer(PosteriorSemanticSegmentor):
         return ret
 
     def head_maps(self) -> frozenset[str]:
-        """Mask2Former's semantic scores serve as logits; no per-pixel class likelihoods."""
-        return frozenset({LOGITS})
+        """Mask2Former's semantic scores serve as logits, and give RbA; no class likelihoods."""
+        return MASK_CLASSIFICATION_SOFTMAX_MAPS
 
     def penultimate_layer(self) -> None:
         """None: queries, not pixels, are classified, so post-hoc models of pixel features do not apply."""
@@ -299,12 +302,15 @@ class PosteriorMaskFormer(PosteriorSemanticSegmentor):
             outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False
         )
         scores = mask_classification_scores(outputs["pred_logits"], mask_pred)
-        maps = {"logits": torch.log(scores.clamp_min(torch.finfo(scores.dtype).tiny))}
-        maps.update(self.extra_maps(outputs, mask_pred))
+        maps = {LOGITS: torch.log(scores.clamp_min(torch.finfo(scores.dtype).tiny))}
+        maps.update(self.extra_maps(outputs, mask_pred, scores))
         return maps
 
-    def extra_maps(self, outputs: dict[str, Any], mask_pred: Tensor) -> dict[str, Tensor]:
-        """Further (B, H, W) maps from the decoder outputs and upsampled mask logits (none here)."""
+    def extra_maps(self, outputs: dict[str, Any], mask_pred: Tensor, scores: Tensor) -> dict[str, Tensor]:
+        """Further (B, H, W) maps from the decoder outputs, the upsampled mask logits and the semantic
+        scores ``s_c`` (B, C, H, W) of the same pass: RbA when a score reads it."""
+        if REJECTED_BY_ALL in self.needed_maps:
+            return {REJECTED_BY_ALL: rejected_by_all(scores)}
         return {}
 
 
@@ -333,7 +339,7 @@ class GMMMaskFormer(PosteriorMaskFormer):
             )
 
     def head_maps(self) -> frozenset[str]:
-        """Logits and the query-likelihood ``anomaly`` map (``extra_maps``)."""
+        """Logits, RbA and the query-likelihood maps, soft and hard ownership (``extra_maps``)."""
         return MASK_CLASSIFICATION_MAPS
 
     @property
@@ -349,6 +355,12 @@ class GMMMaskFormer(PosteriorMaskFormer):
             query_labels[b, query_idx.to(query_labels.device)] = target["labels"][target_idx.to(self.device)]
         return self.gmm_predictor.losses(outputs["gmm"], query_labels)
 
-    def extra_maps(self, outputs, mask_pred):
-        query_score = self.gmm_predictor.object_log_prob(outputs["gmm"])
-        return {"anomaly": mask_classification_anomaly(outputs["pred_logits"], mask_pred, query_score)}
+    def extra_maps(self, outputs, mask_pred, scores):
+        """The softmax model's maps, the ``anomaly`` map always (``sem_seg``'s companion, as for GMM heads)
+        and the claiming query's likelihood when a score reads it."""
+        maps = super().extra_maps(outputs, mask_pred, scores)
+        mask_cls, query_score = outputs["pred_logits"], self.gmm_predictor.object_log_prob(outputs["gmm"])
+        maps[CLASS_LIKELIHOOD] = mask_classification_anomaly(mask_cls, mask_pred, query_score)
+        if CLASS_LIKELIHOOD_ASSIGNED in self.needed_maps:
+            maps[CLASS_LIKELIHOOD_ASSIGNED] = assigned_query_anomaly(mask_cls, mask_pred, query_score)
+        return maps

@@ -9,8 +9,9 @@ contract. Per image, at the input's original resolution:
 - ``anomaly``: (H, W) ``-max_c log p(x|c)`` (models with class likelihoods only);
 - ``anomaly_scores``: {name: (H, W)} the scores named by ``TEST.ANOMALY_SCORES``, all from the same forward
   pass. Which scores exist, what each needs, and which a model gets by default is ``anomaly_scores.py``;
-  a model says which maps it gives (``head_maps`` and its post-hoc models), and computes the costly ones
-  (``gmm_fullres``, ``mahalanobis``) only when a score reads them.
+  a model says which maps it gives (``head_maps`` and its post-hoc models), and computes the costly or
+  optional ones (``gmm_fullres``, ``mahalanobis``, Mask2Former's ``rba``, ``gmm_assigned``) only when a
+  score reads them.
 
 With ``TEST.POSTHOC_GMM`` (``tools/fit_posthoc_gmm.py``) a softmax model's classifier is replaced by GMMs
 fitted to its penultimate features after training: posteriors and the ``gmm`` score come from them. The
@@ -78,6 +79,8 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
             available |= set(model.maps)
         self.anomaly_score_names = resolve_scores(tuple(anomaly_scores), available)
         needed = maps_needed(self.anomaly_score_names)
+        # the maps the scores read: a model computes its optional ones (Mask2Former's) only when in here
+        self.needed_maps = needed
         # the head scores full-resolution pixels only when asked (H x W x C x K log-likelihoods)
         self.fullres_anomaly = CLASS_LIKELIHOOD_FULLRES in needed
         # post-hoc models run when their maps are read; one that replaces the classifier, always
@@ -139,8 +142,8 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
     @torch.no_grad()
     def inference_outputs(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Tensor]]:
         """Per image ``{"logits": (C, H, W)[, "anomaly": (H, W)][, "anomaly_fullres": (H, W)]
-        [, "mahalanobis": (H, W)]}`` at the input's original resolution (the logits also serve post-hoc
-        scores such as max logit)."""
+        [, "mahalanobis": (H, W)]}`` (mask classification: ``"rba"``, ``"anomaly_assigned"`` too) at the
+        input's original resolution (the logits also serve post-hoc scores such as max logit)."""
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         if self.sliding_window is None:
             padded = ImageList.from_tensors(images, self.size_divisibility)
