@@ -65,6 +65,18 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.TEST.SLIDING_WINDOW.SIZE = (768, 768)
     cfg.TEST.SLIDING_WINDOW.STRIDE = (512, 512)
 
+    # SegFormer (gmmseg/modeling/backbone/mit.py, segformer_head.py). The Mix Transformer encoder, backbone
+    # "D2MixTransformer": its size, "B0" ... "B5" (SegFormer's MiT-B0 ... B5); the stochastic-depth rate of
+    # its last block (linear from 0 over all blocks; 0.1 in the official sizes); its outputs, among "res2"
+    # ... "res5" (strides 4 ... 32; channels 32/64/160/256 for B0, 64/128/320/512 for B1-B5).
+    cfg.MODEL.MIT = CN()
+    cfg.MODEL.MIT.VARIANT = "B0"
+    cfg.MODEL.MIT.DROP_PATH_RATE = 0.1
+    cfg.MODEL.MIT.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Dropout (channel-wise) before the classifier of SegFormerHead, whose embedding dim is
+    # MODEL.SEM_SEG_HEAD.CONVS_DIM (DeepLab's heads use ASPP_DROPOUT instead).
+    cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
+
     # GMMSeg: the generative classifier that replaces a head's softmax predictor (reference values).
     cfg.MODEL.GMM = CN()
     # GMMSeg on any per-pixel head (PosteriorSemanticSegmentor): build MODEL.SEM_SEG_HEAD.NAME as usual, then

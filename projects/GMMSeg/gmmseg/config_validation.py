@@ -27,6 +27,7 @@ from gmmseg.modeling.anomaly_scores import (
     SCORE_NAMES,
     scores_needing_more_than,
 )
+from gmmseg.modeling.backbone.mit import MIT_FEATURES, MIT_STRIDES, MIT_VARIANTS
 from gmmseg.modeling.gmm_head import GMMHead
 
 __all__ = [
@@ -108,12 +109,17 @@ def _is_positive_int_pair(value: Any) -> bool:
 
 
 POSITIVE = Rule(lambda v: _is_number(v) and v > 0, "a positive number")
+FRACTION = Rule(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")  # a drop probability
 BOOLEAN = Rule(lambda v: isinstance(v, bool), "True or False")
 DEVICE = Rule(lambda v: isinstance(v, str) and (v == "cpu" or v.startswith("cuda")), "'cpu' or 'cuda[:N]'")
 HEIGHT_WIDTH = Rule(_is_positive_int_pair, "two positive integers (height, width)")
 ANOMALY_SCORE_NAMES = Rule(
     lambda v: all(s in SCORE_NAMES for s in v) and len(set(v)) == len(v),
     f"distinct names among {list(SCORE_NAMES)}",
+)
+MIT_OUTPUTS = Rule(
+    lambda v: len(v) > 0 and len(set(v)) == len(v) and set(v) <= set(MIT_FEATURES),
+    f"distinct names among {list(MIT_FEATURES)}",
 )
 SEMANTIC_ONLY = Rule(lambda v: not v, "False (GMMSeg-D2 runs semantic inference only)")
 
@@ -153,6 +159,10 @@ KEY_RULES: dict[str, Rule] = {
     "MODEL.GMM.COMPONENT_LOSS_WEIGHT": in_range(0.0, math.inf),
     "MODEL.GMM.LOGIT_NORM_INIT_SCALE": in_range(0.0, math.inf, low_open=True),
     "MODEL.GMM.ENQUEUE_CORRECT_ONLY": BOOLEAN,
+    "MODEL.MIT.VARIANT": one_of(*MIT_VARIANTS),
+    "MODEL.MIT.DROP_PATH_RATE": FRACTION,
+    "MODEL.MIT.OUT_FEATURES": MIT_OUTPUTS,
+    "MODEL.SEM_SEG_HEAD.DROPOUT": FRACTION,
     "TEST.ANOMALY_SCORES": ANOMALY_SCORE_NAMES,
     "TEST.MAHALANOBIS_STATS": existing_file("fit_mahalanobis.py"),
     "TEST.POSTHOC_GMM": existing_file("fit_posthoc_gmm.py"),
@@ -277,6 +287,23 @@ def _gmm_enabled_converts_a_softmax_head(cfg: CfgNode) -> None:
     )
 
 
+def _head_reads_mit_outputs(cfg: CfgNode) -> None:
+    """On a MiT backbone the head reads features it gives, and SegFormerHead's stride is its finest."""
+    if cfg.MODEL.BACKBONE.NAME != "D2MixTransformer":
+        return
+    head, outputs = cfg.MODEL.SEM_SEG_HEAD, list(cfg.MODEL.MIT.OUT_FEATURES)
+    _check(
+        len(head.IN_FEATURES) > 0 and set(head.IN_FEATURES) <= set(outputs),
+        "MODEL.SEM_SEG_HEAD.IN_FEATURES",
+        head.IN_FEATURES,
+        f"names among MODEL.MIT.OUT_FEATURES {outputs}",
+    )
+    if head.NAME == "SegFormerHead":
+        finest = min(MIT_STRIDES[name] for name in head.IN_FEATURES)
+        stride = head.COMMON_STRIDE
+        _check(stride == finest, "MODEL.SEM_SEG_HEAD.COMMON_STRIDE", stride, f"{finest} (finest input)")
+
+
 def _mask_former(cfg: CfgNode) -> None:
     """Mask2Former is installed, its decoder and head match the meta-architecture, and no score it cannot
     give (per-pixel head scores; GMM scores of the softmax one) is asked of it."""
@@ -359,6 +386,7 @@ CROSS_KEY_RULES: tuple[Callable[[CfgNode], None], ...] = (
     _sliding_window_has_no_gaps,
     _posthoc_gmm_replaces_a_softmax_head,
     _gmm_enabled_converts_a_softmax_head,
+    _head_reads_mit_outputs,
     _mask_former,
     _crop_size,
     _datasets_agree_with_metadata,

@@ -6,12 +6,15 @@ registered when Mask2Former (``maskformer2``) is installed, as ``tools/install.p
 
 from gmmseg.config import MASK2FORMER_IMPORT_ERROR
 
+from .backbone import D2MixTransformer
 from .gmm_head import GMMHead, build_sem_seg_head, convert_head_to_gmm
 from .gmm_heads import GMMDeepLabV3PlusHead, GMMSemSegFPNHead
 from .gmm_predictor import GMMPredictor, GMMPredictorBase, QueryGMMPredictor
 from .meta_arch import PosteriorSemanticSegmentor
+from .segformer_head import SegFormerHead
 
 __all__ = [
+    "D2MixTransformer",
     "GMMDeepLabV3PlusHead",
     "GMMHead",
     "GMMPredictor",
@@ -19,6 +22,7 @@ __all__ = [
     "GMMSemSegFPNHead",
     "PosteriorSemanticSegmentor",
     "QueryGMMPredictor",
+    "SegFormerHead",
     "build_sem_seg_head",
     "convert_head_to_gmm",
 ]

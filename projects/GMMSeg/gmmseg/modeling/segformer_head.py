@@ -1,0 +1,123 @@
+"""SegFormer's all-MLP decoder as a Detectron2 semantic-segmentation head (``SegFormerHead``).
+
+As the official head (NVlabs/SegFormer ``SegFormerHead``): each input feature map gets a per-pixel linear
+layer to a common embedding dim (``MODEL.SEM_SEG_HEAD.CONVS_DIM``: 256 for B0/B1, 768 for B2-B5 in the
+official configs), is upsampled (bilinear) to the finest input, the coarsest first in the concatenation; a
+1x1 convolution + norm + ReLU fuses them, then dropout (``MODEL.SEM_SEG_HEAD.DROPOUT``, 0.1; channel-wise,
+as mmsegmentation's heads) and the 1x1 classifier ``predictor``.
+
+It follows Detectron2's head contract (that of ``SemSegFPNHead``): softmax cross-entropy on logits
+upsampled to the input (``ignore_value``, ``loss_weight``), upsampled logits at inference, and a
+``predictor`` called once on the stride-``common_stride`` decoder features, so that ``MODEL.GMM.ENABLED``
+turns it into a GMMSeg head (``gmm_head.convert_head_to_gmm``) and post-hoc scores read its penultimate
+features. The GMMSeg authors' SegFormer head (mmsegmentation 0.22's ``SegformerHead``) differs: its
+per-stage layers are 1x1 conv + BN + ReLU and it concatenates the finest first (``configs/README.md``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from fvcore.nn import weight_init
+from torch import Tensor, nn
+
+__all__ = ["SegFormerHead"]
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class SegFormerHead(nn.Module):
+    """SegFormer's all-MLP decoder and a 1x1 softmax classifier (``predictor``)."""
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: dict[str, ShapeSpec],
+        *,
+        num_classes: int,
+        embed_dim: int,
+        common_stride: int,
+        norm: str = "BN",
+        dropout: float = 0.1,
+        loss_weight: float = 1.0,
+        ignore_value: int = -1,
+    ) -> None:
+        super().__init__()
+        if not input_shape:
+            raise ValueError("SegFormerHead needs an input feature (MODEL.SEM_SEG_HEAD.IN_FEATURES)")
+        finest = min(shape.stride for shape in input_shape.values())
+        if common_stride != finest:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.COMMON_STRIDE = {common_stride} is invalid: expected {finest}, the "
+                "stride of SegFormerHead's finest input (its logits are upsampled by it to the input)"
+            )
+        # coarsest first: the official head concatenates (c4, c3, c2, c1)
+        self.in_features = sorted(input_shape, key=lambda name: -input_shape[name].stride)
+        self.common_stride = common_stride
+        self.loss_weight = loss_weight
+        self.ignore_value = ignore_value
+        # per-pixel linear layers (a 1x1 convolution is one, with nn.Linear's default initialisation)
+        self.embed = nn.ModuleDict(
+            {name: nn.Conv2d(input_shape[name].channels, embed_dim, 1) for name in self.in_features}
+        )
+        use_bias = norm == ""
+        self.fuse = Conv2d(
+            embed_dim * len(self.in_features),
+            embed_dim,
+            kernel_size=1,
+            bias=use_bias,
+            norm=get_norm(norm, embed_dim),
+            activation=F.relu,
+        )
+        weight_init.c2_msra_fill(self.fuse)  # He (fan-out) normal, as mmcv's ConvModule
+        self.dropout = nn.Dropout2d(dropout)
+        self.predictor = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
+        nn.init.normal_(self.predictor.weight, 0.0, 0.01)  # mmsegmentation's classifier initialisation
+        nn.init.zeros_(self.predictor.bias)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
+        head = cfg.MODEL.SEM_SEG_HEAD
+        missing = [name for name in head.IN_FEATURES if name not in input_shape]
+        if missing:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.IN_FEATURES = {list(head.IN_FEATURES)} is invalid: the backbone gives "
+                f"{sorted(input_shape)}, not {missing}"
+            )
+        return {
+            "input_shape": {name: input_shape[name] for name in head.IN_FEATURES},
+            "num_classes": head.NUM_CLASSES,
+            "embed_dim": head.CONVS_DIM,
+            "common_stride": head.COMMON_STRIDE,
+            "norm": head.NORM,
+            "dropout": head.DROPOUT,
+            "loss_weight": head.LOSS_WEIGHT,
+            "ignore_value": head.IGNORE_VALUE,
+        }
+
+    def forward(
+        self, features: dict[str, Tensor], targets: Tensor | None = None
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Training: ``(None, {"loss_sem_seg"})``; inference: ``(logits at the input resolution, {})``."""
+        x = self.layers(features)
+        if self.training:
+            return None, self.losses(x, targets)
+        return F.interpolate(x, scale_factor=self.common_stride, mode="bilinear", align_corners=False), {}
+
+    def layers(self, features: dict[str, Tensor]) -> Tensor:
+        """Stride-``common_stride`` logits: embed, upsample, concatenate, fuse, dropout, ``predictor``."""
+        size = features[self.in_features[-1]].shape[-2:]
+        embedded = [
+            F.interpolate(self.embed[name](features[name]), size=size, mode="bilinear", align_corners=False)
+            for name in self.in_features
+        ]
+        return self.predictor(self.dropout(self.fuse(torch.cat(embedded, dim=1))))
+
+    def losses(self, predictions: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        logits = F.interpolate(
+            predictions.float(), scale_factor=self.common_stride, mode="bilinear", align_corners=False
+        )
+        loss = F.cross_entropy(logits, targets, reduction="mean", ignore_index=self.ignore_value)
+        return {"loss_sem_seg": loss * self.loss_weight}
