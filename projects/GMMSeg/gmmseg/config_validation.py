@@ -1,10 +1,11 @@
 """Which config values GMMSeg-D2 accepts, checked before a run builds or writes anything.
 
-Declarative where it can be: ``KEY_RULES`` maps a key to a ``Rule`` (what one value must be, and the text
-that says so), checked by one loop; the few rules that relate keys to each other, or to the datasets'
-metadata, are the small functions of ``CROSS_KEY_RULES`` (those about anomaly scores read the scores'
-declarations, ``gmmseg.modeling.anomaly_scores``). Any bad value raises ``ConfigValueError`` naming
-the full key. Nothing here registers datasets: ``gmmseg.engine.setup_cfg`` does that, before validating.
+Declarative where it can be: ``KEY_RULES`` maps a key to a ``Rule`` (``gmmseg.config_rules``: what one
+value must be, and the text that says so), checked by one loop; the few rules that relate keys to each
+other, or to the datasets' metadata, are the small functions of ``CROSS_KEY_RULES`` (those about anomaly
+scores read the scores' declarations, ``gmmseg.modeling.anomaly_scores``). Any bad value raises
+``ConfigValueError`` naming the full key. Nothing here registers datasets: ``gmmseg.engine.setup_cfg``
+does that, before validating.
 """
 
 from __future__ import annotations
