@@ -168,6 +168,8 @@ def test_gmm_defaults_are_the_reference_values():
         ("COMPONENT_LOSS_WEIGHT", -1.0),
         ("ENQUEUE_CORRECT_ONLY", "yes"),
         ("LOGIT_NORM_INIT_SCALE", 0.0),
+        ("DIAGNOSTICS_PERIOD", 10),  # not a multiple of metrics.json's write period (20)
+        ("DIAGNOSTICS_PERIOD", -20),
     ],
 )
 def test_invalid_gmm_value_names_the_key(cfg, key, value):

@@ -117,3 +117,8 @@ def add_gmmseg_config(cfg: CN) -> None:
     # How the mixtures are fitted: "em" (GMMSeg: Sinkhorn EM on the memory, no gradient) | "backprop"
     # (the paper's "discriminative GMMSeg" ablation: means and stds learned by back-propagation, no memory).
     cfg.MODEL.GMM.FIT = "em"
+    # Log the mixtures' per-class statistics (mean std, memory share, features offered / written per step,
+    # turn of the means) and the class-score LayerNorm's scale every this many iterations, as gmm_diag/* in
+    # metrics.json (tools/plot_gmm_diagnostics.py plots them). 0: off. A multiple of 20, the period at which
+    # Detectron2 writes metrics.json (it keeps only each key's latest value).
+    cfg.MODEL.GMM.DIAGNOSTICS_PERIOD = 0

@@ -76,6 +76,12 @@ MIT_OUTPUTS = Rule(
     lambda v: len(v) > 0 and len(set(v)) == len(v) and set(v) <= set(MIT_FEATURES),
     f"distinct names among {list(MIT_FEATURES)}",
 )
+# DefaultTrainer's PeriodicWriter writes metrics.json every 20 iterations, each key's latest value only
+METRICS_WRITE_PERIOD = 20
+DIAGNOSTICS_PERIOD = Rule(
+    lambda v: isinstance(v, int) and v >= 0 and v % METRICS_WRITE_PERIOD == 0,
+    f"0 (off) or a multiple of {METRICS_WRITE_PERIOD} (metrics.json keeps one value per key per write)",
+)
 SEMANTIC_ONLY = Rule(lambda v: not v, "False (GMMSeg-D2 runs semantic inference only)")
 
 # Checked in this order for every config; the first bad key is reported.
@@ -114,6 +120,7 @@ KEY_RULES: dict[str, Rule] = {
     "MODEL.GMM.COMPONENT_LOSS_WEIGHT": in_range(0.0, math.inf),
     "MODEL.GMM.LOGIT_NORM_INIT_SCALE": in_range(0.0, math.inf, low_open=True),
     "MODEL.GMM.ENQUEUE_CORRECT_ONLY": BOOLEAN,
+    "MODEL.GMM.DIAGNOSTICS_PERIOD": DIAGNOSTICS_PERIOD,
     "MODEL.MIT.VARIANT": one_of(*MIT_VARIANTS),
     "MODEL.MIT.DROP_PATH_RATE": FRACTION,
     "MODEL.MIT.OUT_FEATURES": MIT_OUTPUTS,

@@ -141,11 +141,16 @@ class SemanticDatasetMapper:
 
 class TrainLabelsMapper(SemanticDatasetMapper):
     """Test-time preprocessing (no augmentation) that still reads, checks and resizes the label with the
-    image: for statistics of a trained model over its training set (``tools/fit_*.py``)."""
+    image: for statistics of a trained model over its training set (``tools/fit_*.py``), and for models
+    that use the labels at evaluation (Mask2Former's query matching). It keeps ``sem_seg_file_name``, from
+    which the evaluator reads the ground truth at the original size."""
 
     def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
         self.is_train = True  # read and check the label ...
         try:
-            return super().__call__(dataset_dict)
+            mapped = super().__call__(dataset_dict)
         finally:
             self.is_train = False
+        if "sem_seg_file_name" in dataset_dict:
+            mapped["sem_seg_file_name"] = dataset_dict["sem_seg_file_name"]
+        return mapped

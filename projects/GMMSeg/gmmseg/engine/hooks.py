@@ -13,7 +13,7 @@ from detectron2.config import CfgNode
 from detectron2.engine import HookBase
 from torch import nn
 
-from gmmseg.gmm import EMBatch, OnlineGMM, gather_from_all_processes
+from gmmseg.gmm import EMBatch, MixtureDiagnostics, OnlineGMM, gather_from_all_processes
 from gmmseg.modeling.gmm_predictor import GMMPredictorBase
 
 __all__ = ["GMMEMHook", "RNGStateHook", "find_gmm_predictors", "upgrade_em_hook_state"]
@@ -53,17 +53,34 @@ class GMMEMHook(HookBase):
     ``online.maximise`` (the M-step) every ``MODEL.GMM.UPDATE_INTERVAL`` iterations, logs, and saves and
     restores ``online``'s state with the trainer's checkpoints (``--resume``).
 
+    Every ``diagnostics_period`` iterations (``MODEL.GMM.DIAGNOSTICS_PERIOD``; 0: never) it also logs the
+    mixtures' per-class statistics (``gmm.MixtureDiagnostics``) as ``gmm_diag/<statistic>/<class>``:
+    ``std``, ``memory_share``, ``mean_angle``, ``offered_per_step``, ``written_per_step``; classes by index,
+    Mask2Former's last one as ``no_object``. With a LayerNorm over the class scores, also its per-class
+    weight and bias (``logit_scale``, ``logit_bias``) and their mean weight, ``gmm_diag/logit_scale_mean``:
+    the inverse temperature of the posteriors.
+
     Every process enqueues the same global batch and computes the same M-step, so the mixtures stay
     identical everywhere. Each process's assignments come from the E-step on its own share of the batch
     (the same assignments its component loss uses, as in the reference); with the Sinkhorn E-step, whose
     equipartition is over the items it is given, that differs from one E-step over the gathered batch.
     """
 
-    def __init__(self, predictor: GMMPredictorBase, **online_kwargs: Any) -> None:
+    def __init__(
+        self, predictor: GMMPredictorBase, diagnostics_period: int = 0, **online_kwargs: Any
+    ) -> None:
         """``online_kwargs``: ``OnlineGMM``'s settings; its E-step is the predictor's."""
         self.online = OnlineGMM(predictor.gmm, e_step=predictor.e_step, **online_kwargs)
         predictor.em_observer = self.observe
+        self.predictor = predictor
         self._observed: tuple[int, int, float] | None = None  # this step's (written, marked, seconds)
+        self.diagnostics_period = diagnostics_period
+        names = [str(c) for c in range(predictor.num_classes)]
+        if getattr(predictor, "num_object_classes", predictor.num_classes) < predictor.num_classes:
+            names[-1] = "no_object"  # Mask2Former's extra class (QueryGMMPredictor)
+        self.class_names = names
+        self._diagnostics = MixtureDiagnostics(self.online)
+        self._steps_since_diagnostics = 0
 
     @classmethod
     def from_config(cls, cfg: CfgNode, predictor: GMMPredictorBase) -> GMMEMHook:
@@ -83,7 +100,13 @@ class GMMEMHook(HookBase):
             mean_momentum=gmm.MEAN_MOMENTUM,
             cov_momentum=gmm.COV_MOMENTUM,
             var_floor=gmm.VAR_FLOOR,
+            diagnostics_period=gmm.DIAGNOSTICS_PERIOD,
         )
+
+    def before_train(self) -> None:
+        """Start the diagnostics from the mixtures as training starts (a resumed run's, once loaded)."""
+        self._diagnostics = MixtureDiagnostics(self.online)
+        self._steps_since_diagnostics = 0
 
     def observe(self, batch: EMBatch) -> None:
         """The predictor's ``em_observer``: gather this process's share from all processes (rank order)
@@ -118,6 +141,27 @@ class GMMEMHook(HookBase):
         storage.put_scalar("gmm/classes_seen", float(marked), smoothing_hint=False)
         if shift is not None:
             storage.put_scalar("gmm/mean_shift", shift, smoothing_hint=False)
+        self._steps_since_diagnostics += 1
+        if self.diagnostics_period > 0 and (self.trainer.iter + 1) % self.diagnostics_period == 0:
+            storage.put_scalars(smoothing_hint=False, **self.collect_diagnostics())
+
+    def collect_diagnostics(self) -> dict[str, float]:
+        """The ``gmm_diag/*`` scalars (class docstring) over the steps since the previous call."""
+        stats = self._diagnostics.collect(max(self._steps_since_diagnostics, 1))
+        self._steps_since_diagnostics = 0
+        norm = self.predictor.logit_norm
+        if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+            stats["logit_scale"] = norm.weight.detach()
+            if norm.bias is not None:
+                stats["logit_bias"] = norm.bias.detach()
+        scalars = {
+            f"gmm_diag/{name}/{cls}": value
+            for name, values in stats.items()
+            for cls, value in zip(self.class_names, values.tolist())
+        }
+        if "logit_scale" in stats:
+            scalars["gmm_diag/logit_scale_mean"] = stats["logit_scale"].double().mean().item()
+        return scalars
 
     def state_dict(self) -> dict[str, Any]:
         return self.online.state_dict()

@@ -25,9 +25,9 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 
 from gmmseg.compat import OptimizerStateInCheckpoints, wrap_distributed
-from gmmseg.config_validation import RESUMABLE_TRAIN_SAMPLERS
+from gmmseg.config_validation import MASK_FORMER_ARCHITECTURES, RESUMABLE_TRAIN_SAMPLERS
 from gmmseg.data.class_balanced_sampler import ClassBalancedTrainingSampler, class_image_index_for_datasets
-from gmmseg.data.dataset_mapper import SemanticDatasetMapper
+from gmmseg.data.dataset_mapper import SemanticDatasetMapper, TrainLabelsMapper
 from gmmseg.evaluation.sem_seg import SemSegEvaluator
 from gmmseg.solver import build_lr_scheduler, build_optimizer
 
@@ -176,9 +176,14 @@ class GMMSegTrainer(OptimizerStateInCheckpoints, DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=SemanticDatasetMapper(cfg, is_train=False)
-        )
+        """Test-time preprocessing; a Mask2Former model on a labelled split also gets the (resized) labels,
+        from which it matches its queries for the query-level ECE (``PosteriorMaskFormer``)."""
+        labelled = MetadataCatalog.get(dataset_name).get("evaluator_type", "sem_seg") == "sem_seg"
+        if labelled and cfg.MODEL.META_ARCHITECTURE in MASK_FORMER_ARCHITECTURES:
+            mapper = TrainLabelsMapper(cfg, is_train=False)
+        else:
+            mapper = SemanticDatasetMapper(cfg, is_train=False)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:

@@ -1,8 +1,10 @@
-"""Pixel-level calibration of class posteriors: reliability bins, expected calibration error, diagrams.
+"""Calibration of class posteriors (pixels, or Mask2Former's queries): reliability bins, expected
+calibration error, diagrams.
 
-Calibration reduces to three per-bin sums over equal-width confidence bins (pixel count, summed
-confidence, correct pixels); being sums they add up across images and ranks, so the evaluator only
-accumulates them and the ECE, the report table and the diagram are computed from them at the end.
+Calibration reduces to three per-bin sums over equal-width confidence bins (sample count, summed
+confidence, correct samples); being sums they add up across images and ranks, so the evaluator only
+accumulates them (``bin_statistics``) and the ECE, the report table and the diagram are computed from them
+at the end.
 """
 
 from __future__ import annotations
@@ -10,9 +12,25 @@ from __future__ import annotations
 from typing import List
 
 import numpy as np
+import torch
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["expected_calibration_error", "plot_reliability_diagram", "reliability_table"]
+__all__ = ["bin_statistics", "expected_calibration_error", "plot_reliability_diagram", "reliability_table"]
+
+
+@torch.no_grad()
+def bin_statistics(
+    confidence: torch.Tensor, correct: torch.Tensor, num_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-bin (count, summed confidence, correct count) of 1-D confidences in [0, 1] and correctness
+    flags, over ``num_bins`` equal-width bins; computed on the tensors' device, returned as numpy.
+    Binning is in float64, so that a confidence of exactly 1 lands in the last bin."""
+    conf = confidence.reshape(-1).double()
+    bin_idx = torch.floor(conf * num_bins).long().clamp_(0, num_bins - 1)
+    counts = torch.bincount(bin_idx, minlength=num_bins)
+    conf_sums = torch.bincount(bin_idx, weights=conf, minlength=num_bins)
+    correct_sums = torch.bincount(bin_idx[correct.reshape(-1).bool()], minlength=num_bins)
+    return counts.cpu().numpy(), conf_sums.cpu().numpy(), correct_sums.cpu().numpy()
 
 
 def expected_calibration_error(counts: np.ndarray, conf_sums: np.ndarray, correct_sums: np.ndarray) -> float:

@@ -29,7 +29,12 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-from .calibration import expected_calibration_error, plot_reliability_diagram, reliability_table
+from .calibration import (
+    bin_statistics,
+    expected_calibration_error,
+    plot_reliability_diagram,
+    reliability_table,
+)
 
 __all__ = ["SemSegEvaluator", "confusion_matrix", "segmentation_metrics"]
 
@@ -132,6 +137,13 @@ def _json_safe(x: Any) -> Any:
 class SemSegEvaluator(DatasetEvaluator):
     """mIoU / fwIoU / mACC / pACC and pixel ECE from ``output["sem_seg"]`` class posteriors.
 
+    Mask-classification models (Mask2Former) whose outputs carry ``query_calibration`` (per image the
+    queries' (Q, C+1) posteriors and (Q,) Hungarian labels, ``modeling/query_labels.py``) also get the ECE
+    of the query posteriors: ``ECE-query`` over the matched queries (confidence = max posterior, correct =
+    its argmax is the matched class) and ``ECE-query-all`` over every query, the unmatched ones labelled
+    "no object". Beside the pixel ``ECE`` (after the mask-weighted sum over queries), they tell whether
+    soft pixel posteriors come from the queries' posteriors or from their aggregation.
+
     Ground truth comes from each input's ``sem_seg_file_name`` PNG (class index per pixel), not from the
     model output. State is a confusion matrix plus reliability-bin sums, so ``distributed=True`` only
     gathers a few small arrays to rank 0.
@@ -189,6 +201,8 @@ class SemSegEvaluator(DatasetEvaluator):
         self._bin_counts = np.zeros(b, dtype=np.int64)
         self._bin_conf_sums = np.zeros(b, dtype=np.float64)
         self._bin_correct_sums = np.zeros(b, dtype=np.int64)
+        # query bins: [matched queries, all queries] x [count, confidence sum, correct count] x bins
+        self._query_bins = np.zeros((2, 3, b), dtype=np.float64)
 
     # ---------------------------------------------------------------------------------------------
     def _load_gt(self, input_: dict) -> Tuple[np.ndarray, str]:
@@ -259,15 +273,28 @@ class SemSegEvaluator(DatasetEvaluator):
             correct = pred_v == gt_v
 
             cm = torch.bincount(gt_v * c + pred_v, minlength=c * c)
-            bin_idx = torch.floor(conf_v * b).long().clamp_(0, b - 1)
-            counts = torch.bincount(bin_idx, minlength=b)
-            conf_sums = torch.bincount(bin_idx, weights=conf_v, minlength=b)
-            correct_sums = torch.bincount(bin_idx[correct], minlength=b)
+            counts, conf_sums, correct_sums = bin_statistics(conf_v, correct, b)
 
             self._conf_matrix += cm.cpu().numpy().reshape(c, c)
-            self._bin_counts += counts.cpu().numpy()
-            self._bin_conf_sums += conf_sums.cpu().numpy()
-            self._bin_correct_sums += correct_sums.cpu().numpy()
+            self._bin_counts += counts
+            self._bin_conf_sums += conf_sums
+            self._bin_correct_sums += correct_sums
+            if "query_calibration" in output:
+                self._process_queries(output["query_calibration"])
+
+    def _process_queries(self, queries: dict[str, torch.Tensor]) -> None:
+        """Add one image's queries to the query bins: all of them, and the matched ones (label < C)."""
+        posteriors, labels = queries["posteriors"].float(), queries["labels"].long()
+        if posteriors.shape[-1] != self._num_classes + 1 or labels.shape != posteriors.shape[:1]:
+            raise ValueError(
+                f"query_calibration needs (Q, {self._num_classes + 1}) posteriors and (Q,) labels, got "
+                f"{tuple(posteriors.shape)} and {tuple(labels.shape)}"
+            )
+        conf, pred = posteriors.max(dim=-1)
+        correct = pred == labels
+        matched = labels < self._num_classes
+        for row, keep in enumerate((matched, torch.ones_like(matched))):
+            self._query_bins[row] += np.stack(bin_statistics(conf[keep], correct[keep], self._num_bins))
 
     # ---------------------------------------------------------------------------------------------
     def evaluate(self) -> OrderedDict[str, Dict[str, float]] | None:
@@ -276,14 +303,20 @@ class SemSegEvaluator(DatasetEvaluator):
         Returns ``OrderedDict(sem_seg=metrics)`` on the main process, ``None`` on the others (as
         Detectron2's evaluators do), and ``{}`` with a warning when no labelled pixel was seen.
         """
-        stats = (self._conf_matrix, self._bin_counts, self._bin_conf_sums, self._bin_correct_sums)
+        stats = (
+            self._conf_matrix,
+            self._bin_counts,
+            self._bin_conf_sums,
+            self._bin_correct_sums,
+            self._query_bins,
+        )
         if self._distributed:
             comm.synchronize()
             gathered = comm.gather(stats, dst=0)
             if not comm.is_main_process():
                 return None
             stats = tuple(np.sum([s[i] for s in gathered], axis=0) for i in range(len(stats)))
-        conf_matrix, counts, conf_sums, correct_sums = stats
+        conf_matrix, counts, conf_sums, correct_sums, query_bins = stats
 
         if conf_matrix.sum() == 0:
             logger.warning(f"SemSegEvaluator on {self._dataset_name}: no labelled pixels were processed.")
@@ -291,6 +324,10 @@ class SemSegEvaluator(DatasetEvaluator):
 
         results = segmentation_metrics(conf_matrix, self._class_names)
         results["ECE"] = 100.0 * expected_calibration_error(counts, conf_sums, correct_sums)
+        has_queries = query_bins[1, 0].sum() > 0
+        if has_queries:
+            results["ECE-query"] = 100.0 * expected_calibration_error(*query_bins[0])
+            results["ECE-query-all"] = 100.0 * expected_calibration_error(*query_bins[1])
 
         if self._output_dir:
             PathManager.mkdirs(self._output_dir)
@@ -303,6 +340,11 @@ class SemSegEvaluator(DatasetEvaluator):
                 "confusion_matrix_layout": "rows = ground truth, columns = prediction (pixel counts)",
                 "reliability_bins": reliability_table(counts, conf_sums, correct_sums),
             }
+            if has_queries:
+                report["query_reliability_bins"] = {
+                    "matched": reliability_table(*query_bins[0]),
+                    "all": reliability_table(*query_bins[1]),
+                }
             with PathManager.open(os.path.join(self._output_dir, "sem_seg_evaluation.json"), "w") as f:
                 json.dump(_json_safe(report), f, indent=2)
             plot_reliability_diagram(

@@ -85,6 +85,10 @@ class FeatureMemory(nn.Module):
     Buffers (all saved by ``state_dict``): ``features`` (C, K, capacity, D) in the storage dtype, ``ptr``
     and ``count`` (C, K) int64, ``sums`` and ``sq_sums`` (C, K, D) float64. Module-wide dtype casts
     (``model.half()``) do not touch these buffers; device moves do.
+
+    Two tallies for monitoring (``gmm.diagnostics``), not saved and not emptied by ``reset``: ``offered``
+    (C, K) counts every candidate ``enqueue`` was given for a queue, ``pushed`` those it wrote (at most
+    ``max_per_step`` per queue and call), both since the memory was built.
     """
 
     features: Tensor
@@ -92,6 +96,8 @@ class FeatureMemory(nn.Module):
     count: Tensor
     sums: Tensor
     sq_sums: Tensor
+    offered: Tensor
+    pushed: Tensor
 
     def __init__(
         self,
@@ -123,6 +129,9 @@ class FeatureMemory(nn.Module):
         self.register_buffer("count", torch.zeros(shape, dtype=torch.long, device=device))
         self.register_buffer("sums", torch.zeros(shape + (dim,), dtype=torch.float64, device=device))
         self.register_buffer("sq_sums", torch.zeros(shape + (dim,), dtype=torch.float64, device=device))
+        tally = torch.zeros(shape, dtype=torch.long, device=device)
+        self.register_buffer("offered", tally, persistent=False)
+        self.register_buffer("pushed", tally.clone(), persistent=False)
 
     def extra_repr(self) -> str:
         return (
@@ -266,6 +275,8 @@ class FeatureMemory(nn.Module):
         self.sq_sums.index_put_((c_idx, k_idx), new64.square_().sub_(old.square_()), accumulate=True)
 
         take2 = take.view(num_c, num_k)
+        self.offered.add_(sizes.view(num_c, num_k))
+        self.pushed.add_(take2)
         self.ptr.copy_((self.ptr + take2) % cap)
         self.count.copy_((self.count + take2).clamp(max=cap))
         return total

@@ -72,6 +72,7 @@ from .mask_anomaly import (
     rejected_by_all,
 )
 from .meta_arch import PosteriorSemanticSegmentor
+from .query_labels import labels_from_matching, query_calibration
 
 __all__ = [
     "GMMMaskFormer",
@@ -197,7 +198,9 @@ class PosteriorMaskFormer(PosteriorSemanticSegmentor):
     Training: ``sem_seg`` labels become per-class binary masks (one target per class present, ignore
     pixels in none), matched to queries by Mask2Former's Hungarian matcher; losses are Mask2Former's
     (class cross-entropy with the no-object weight, point-sampled mask BCE and dice, on every decoder
-    layer). Inference: see the module docstring.
+    layer). Inference: see the module docstring; where the inputs carry ``sem_seg`` (evaluation on a
+    labelled split) and no sliding window is used, each result also holds ``query_calibration``, the
+    queries' posteriors and Hungarian labels (``query_labels.py``), for the query-level ECE.
     """
 
     @configurable
@@ -217,6 +220,7 @@ class PosteriorMaskFormer(PosteriorSemanticSegmentor):
             self.size_divisibility = size_divisibility
         self.ignore_value = ignore_value
         self.num_classes = self.sem_seg_head.num_classes
+        self._queries: tuple[Tensor, Tensor] | None = None  # the last inference pass's class and mask logits
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> dict[str, Any]:
@@ -257,7 +261,17 @@ class PosteriorMaskFormer(PosteriorSemanticSegmentor):
 
     def forward(self, batched_inputs: list[dict[str, Any]]):
         if not self.training:
-            return super().forward(batched_inputs)
+            results = super().forward(batched_inputs)
+            queries, self._queries = self._queries, None
+            labelled = all("sem_seg" in x for x in batched_inputs)
+            if queries is not None and self.sliding_window is None and labelled:
+                images = ImageList.from_tensors([x["image"] for x in batched_inputs], self.size_divisibility)
+                targets = self.prepare_targets(batched_inputs, images)
+                for result, calibration in zip(
+                    results, query_calibration(self.criterion.matcher, *queries, targets)
+                ):
+                    result["query_calibration"] = calibration
+            return results
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
         outputs = self.sem_seg_head(self.backbone(images.tensor))
@@ -298,6 +312,7 @@ class PosteriorMaskFormer(PosteriorSemanticSegmentor):
 
     def _window_maps(self, images: Tensor) -> dict[str, Tensor]:
         outputs = self.sem_seg_head(self.backbone(images))
+        self._queries = (outputs["pred_logits"], outputs["pred_masks"])
         mask_pred = F.interpolate(
             outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False
         )
@@ -347,13 +362,10 @@ class GMMMaskFormer(PosteriorMaskFormer):
         return self.sem_seg_head.predictor.class_predictor
 
     def extra_losses(self, outputs, targets, indices):
-        query_logits = outputs["pred_logits"]
-        query_labels = torch.full(
-            query_logits.shape[:2], self.num_classes, dtype=torch.long, device=query_logits.device
+        query_labels = labels_from_matching(
+            indices, targets, outputs["pred_logits"].shape[:2], self.num_classes
         )
-        for b, ((query_idx, target_idx), target) in enumerate(zip(indices, targets)):
-            query_labels[b, query_idx.to(query_labels.device)] = target["labels"][target_idx.to(self.device)]
-        return self.gmm_predictor.losses(outputs["gmm"], query_labels)
+        return self.gmm_predictor.losses(outputs["gmm"], query_labels.to(outputs["pred_logits"].device))
 
     def extra_maps(self, outputs, mask_pred, scores):
         """The softmax model's maps, the ``anomaly`` map always (``sem_seg``'s companion, as for GMM heads)
