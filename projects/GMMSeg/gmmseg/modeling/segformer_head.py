@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 from fvcore.nn import weight_init
 from torch import Tensor, nn
 
@@ -97,14 +98,11 @@ class SegFormerHead(nn.Module):
             "ignore_value": head.IGNORE_VALUE,
         }
 
-    def forward(
-        self, features: dict[str, Tensor], targets: Tensor | None = None
-    ) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """Training: ``(None, {"loss_sem_seg"})``; inference: ``(logits at the input resolution, {})``."""
-        x = self.layers(features)
-        if self.training:
-            return None, self.losses(x, targets)
-        return F.interpolate(x, scale_factor=self.common_stride, mode="bilinear", align_corners=False), {}
+    # Detectron2's semantic-head contract, word for word SemSegFPNHead's: training ``(None,
+    # {"loss_sem_seg"})`` (cross-entropy on logits upsampled by ``common_stride``), inference ``(logits at the
+    # input resolution, {})``; both read ``layers`` below
+    forward = SemSegFPNHead.forward
+    losses = SemSegFPNHead.losses
 
     def layers(self, features: dict[str, Tensor]) -> Tensor:
         """Stride-``common_stride`` logits: embed, upsample, concatenate, fuse, dropout, ``predictor``."""
@@ -114,10 +112,3 @@ class SegFormerHead(nn.Module):
             for name in self.in_features
         ]
         return self.predictor(self.dropout(self.fuse(torch.cat(embedded, dim=1))))
-
-    def losses(self, predictions: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        logits = F.interpolate(
-            predictions.float(), scale_factor=self.common_stride, mode="bilinear", align_corners=False
-        )
-        loss = F.cross_entropy(logits, targets, reduction="mean", ignore_index=self.ignore_value)
-        return {"loss_sem_seg": loss * self.loss_weight}
