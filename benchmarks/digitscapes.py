@@ -196,16 +196,22 @@ def rows_for(name: str, per_seed: dict[int, dict]) -> list[dict]:
             for key in METRICS[len(CLOSED_SET) :]:
                 values[key].append(anomaly.get(f"{score}/{key}"))
         row = {"variant": name, "description": VARIANTS[name][2], "score": score, "seeds": list(per_seed)}
-        for key, seen in values.items():
-            if any(v is None for v in seen):
-                row[key] = None
-                continue
-            row[key] = statistics.fmean(seen)
-            if len(seen) > 1:
-                row[f"{key}_std"] = sample_std(seen)
-                row[f"{key}_seeds"] = seen
-        rows.append(row)
+        rows.append(add_seed_statistics(row, values))
     return rows
+
+
+def add_seed_statistics(row: dict, values: dict[str, list]) -> dict:
+    """``row`` with, per metric, the mean of its per-seed ``values`` (None if any seed lacks it) and, with
+    several seeds, the sample standard deviation (``<metric>_std``) and the values (``<metric>_seeds``)."""
+    for key, seen in values.items():
+        if any(v is None for v in seen):
+            row[key] = None
+            continue
+        row[key] = statistics.fmean(seen)
+        if len(seen) > 1:
+            row[f"{key}_std"] = sample_std(seen)
+            row[f"{key}_seeds"] = seen
+    return row
 
 
 def needs_more_seeds(row: dict, reference: dict, keys: tuple[str, ...] = ("mIoU", "AUROC")) -> bool:

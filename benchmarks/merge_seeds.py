@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,16 +62,8 @@ def merge(tables: list[dict]) -> list[dict]:
     for (variant, score), by_seed in pooled.items():
         seeds = sorted(by_seed)
         row = {"variant": variant, "description": descriptions[variant], "score": score, "seeds": seeds}
-        for key in bench.METRICS:
-            values = [by_seed[s][key] for s in seeds]
-            if any(v is None for v in values):
-                row[key] = None
-                continue
-            row[key] = statistics.fmean(values)
-            if len(values) > 1:
-                row[f"{key}_std"] = bench.sample_std(values)
-                row[f"{key}_seeds"] = values
-        rows.append(row)
+        values = {key: [by_seed[s][key] for s in seeds] for key in bench.METRICS}
+        rows.append(bench.add_seed_statistics(row, values))
     return rows
 
 
