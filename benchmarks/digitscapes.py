@@ -6,7 +6,8 @@ in what ``VARIANTS`` names): the class-balanced sampler (both heads), the author
 started full of random unit vectors), flat stds, no component loss, fast means, the decode head at the
 backbone's learning rate (both heads; the main job uses the authors' 10x), K = 1, vanilla EM, no memory,
 the discriminative GMM (back-propagation), GMMs fitted after softmax training, and DeepLab's bootstrapped
-loss (both heads). GMM variants are scored with the paper's
+loss (both heads); and the other architectures' DigitScapes pairs (FPN, SegFormer), same protocol. The
+variants are listed in ``variants.py``. GMM variants are scored with the paper's
 ``gmm`` score and with ``gmm_fullres`` (the same score on embeddings upsampled to the input resolution).
 
 Each variant runs ``train_net.py`` in ``OUTPUT/<variant>/`` (``OUTPUT/<variant>_seed<N>/`` for seeds other
@@ -53,48 +54,10 @@ from runs import (
     settings_key,
     write_results,
 )
+from variants import GMMSEG, HEADLINE, VARIANTS
 
 from gmmseg.evaluation.report import group_mean_iou
 
-CONFIGS = REPO / "configs" / "digitscapes"
-SOFTMAX = CONFIGS / "deeplabv3plus_R18_softmax.yaml"
-GMMSEG = CONFIGS / "deeplabv3plus_R18_gmmseg.yaml"
-BALANCED = ["DATALOADER.SAMPLER_TRAIN", "ClassBalancedSampler"]
-BOOTSTRAPPED = ["MODEL.SEM_SEG_HEAD.LOSS_TYPE", "hard_pixel_mining"]
-# The main job uses the GMMSeg authors' optimiser (AdamW, decode head at 10x, no decay on norms); this row
-# trains the decode head at the backbone's rate instead (the previous protocol)
-HEAD_LR_1X = ["SOLVER.HEAD_MULTIPLIER", "1.0"]
-# name -> (config, overrides, description)
-VARIANTS: dict[str, tuple[Path, list[str], str]] = {
-    "softmax": (SOFTMAX, [], "softmax DeepLabV3+ R18"),
-    "gmmseg": (GMMSEG, [], "GMMSeg (K = 5, Sinkhorn EM, memory 2,000)"),
-    "softmax_class_balanced": (SOFTMAX, BALANCED, "softmax, class-balanced sampler"),
-    "gmmseg_class_balanced": (GMMSEG, BALANCED, "GMMSeg, class-balanced sampler"),
-    "gmmseg_memory_random_32k": (
-        GMMSEG,
-        ["MODEL.GMM.MEMORY_INIT", "random", "MODEL.GMM.MEMORY_CAPACITY", "32000"],
-        "GMMSeg, memory 32,000 started full of random vectors (authors')",
-    ),
-    "gmmseg_flat_stds": (GMMSEG, ["MODEL.GMM.COV_MOMENTUM", "1.0"], "GMMSeg, stds never fitted (flat)"),
-    "gmmseg_no_component_loss": (
-        GMMSEG, ["MODEL.GMM.COMPONENT_LOSS_WEIGHT", "0.0"], "GMMSeg, no component loss"
-    ),
-    "gmmseg_fast_means": (
-        GMMSEG,
-        ["MODEL.GMM.MEAN_MOMENTUM", "0.9", "MODEL.GMM.UPDATE_INTERVAL", "1"],
-        "GMMSeg, fast means (momentum 0.9, M-step every iteration)",
-    ),
-    "softmax_head_lr1": (SOFTMAX, HEAD_LR_1X, "softmax, head lr x1 (not the authors' x10)"),
-    "gmmseg_head_lr1": (GMMSEG, HEAD_LR_1X, "GMMSeg, head lr x1 (not the authors' x10)"),
-    "gmmseg_K1": (GMMSEG, ["MODEL.GMM.NUM_COMPONENTS", "1"], "GMMSeg, K = 1"),
-    "gmmseg_vanilla_em": (GMMSEG, ["MODEL.GMM.E_STEP", "vanilla"], "GMMSeg, vanilla EM"),
-    "gmmseg_memory0": (GMMSEG, ["MODEL.GMM.MEMORY_CAPACITY", "0"], "GMMSeg, no memory"),
-    "gmmseg_discriminative": (GMMSEG, ["MODEL.GMM.FIT", "backprop"], "discriminative GMMSeg (backprop)"),
-    "softmax_posthoc_gmm": (SOFTMAX, [], "softmax + GMM fitted afterwards"),
-    "softmax_bootstrapped": (SOFTMAX, BOOTSTRAPPED, "softmax, bootstrapped loss (hardest 20%)"),
-    "gmmseg_bootstrapped": (GMMSEG, BOOTSTRAPPED, "GMMSeg, bootstrapped loss (hardest 20%)"),
-}  # fmt: skip
-HEADLINE = ("softmax", "gmmseg")
 # GMM variants are also scored at full resolution (the option beside the paper's stride-4 score)
 GMM_SCORES = ["TEST.ANOMALY_SCORES", "('gmm', 'gmm_fullres')"]
 QUICK = [
@@ -127,7 +90,8 @@ def run_dir(root: Path, name: str, seed: int) -> Path:
 
 
 def is_gmm(name: str) -> bool:
-    return VARIANTS[name][0] == GMMSEG
+    """A variant whose model has the GMM classifier (its config is a ``*_gmmseg.yaml``)."""
+    return VARIANTS[name][0].stem.endswith("_gmmseg")
 
 
 def run_variant(
@@ -179,8 +143,8 @@ def rows_for(name: str, per_seed: dict[int, dict]) -> list[dict]:
     several seeds also its sample standard deviation (``<metric>_std``) and the per-seed values
     (``<metric>_seeds``, in the order of ``row["seeds"]``).
     """
-    softmax_scores = VARIANTS[name][0] == SOFTMAX and name != "softmax_posthoc_gmm"
-    scores = ["msp", "entropy"] if softmax_scores else ["gmm", "gmm_fullres"]
+    gmm_scores = is_gmm(name) or name == "softmax_posthoc_gmm"
+    scores = ["gmm", "gmm_fullres"] if gmm_scores else ["msp", "entropy"]
     anomaly_keys = [set(m["digitscapes_anomaly_val"]["anomaly"]) for m in per_seed.values()]
     scores = [s for s in scores if all(f"{s}/AUROC" in keys for keys in anomaly_keys)]
     rows = []

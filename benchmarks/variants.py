@@ -1,0 +1,58 @@
+"""The DigitScapes benchmark's variants: each a config and the overrides that make it differ from its pair.
+
+``softmax`` / ``gmmseg`` are the headline pair (DeepLabV3+ R-18, the main job's protocol); the ablations
+change one thing of one of them; the architecture pairs (``<arch>_softmax`` / ``<arch>_gmmseg``) are the
+other heads' DigitScapes configs, trained under the same protocol (their base configs say what differs).
+A variant is a GMM model when its config is a ``*_gmmseg.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runs import REPO
+
+CONFIGS = REPO / "configs" / "digitscapes"
+SOFTMAX = CONFIGS / "deeplabv3plus_R18_softmax.yaml"
+GMMSEG = CONFIGS / "deeplabv3plus_R18_gmmseg.yaml"
+BALANCED = ["DATALOADER.SAMPLER_TRAIN", "ClassBalancedSampler"]
+BOOTSTRAPPED = ["MODEL.SEM_SEG_HEAD.LOSS_TYPE", "hard_pixel_mining"]
+# The main job uses the GMMSeg authors' optimiser (AdamW, decode head at 10x, no decay on norms); this row
+# trains the decode head at the backbone's rate instead (the previous protocol)
+HEAD_LR_1X = ["SOLVER.HEAD_MULTIPLIER", "1.0"]
+# name -> (config, overrides, description)
+VARIANTS: dict[str, tuple[Path, list[str], str]] = {
+    "softmax": (SOFTMAX, [], "softmax DeepLabV3+ R18"),
+    "gmmseg": (GMMSEG, [], "GMMSeg (K = 5, Sinkhorn EM, memory 2,000)"),
+    "softmax_class_balanced": (SOFTMAX, BALANCED, "softmax, class-balanced sampler"),
+    "gmmseg_class_balanced": (GMMSEG, BALANCED, "GMMSeg, class-balanced sampler"),
+    "gmmseg_memory_random_32k": (
+        GMMSEG,
+        ["MODEL.GMM.MEMORY_INIT", "random", "MODEL.GMM.MEMORY_CAPACITY", "32000"],
+        "GMMSeg, memory 32,000 started full of random vectors (authors')",
+    ),
+    "gmmseg_flat_stds": (GMMSEG, ["MODEL.GMM.COV_MOMENTUM", "1.0"], "GMMSeg, stds never fitted (flat)"),
+    "gmmseg_no_component_loss": (
+        GMMSEG, ["MODEL.GMM.COMPONENT_LOSS_WEIGHT", "0.0"], "GMMSeg, no component loss"
+    ),
+    "gmmseg_fast_means": (
+        GMMSEG,
+        ["MODEL.GMM.MEAN_MOMENTUM", "0.9", "MODEL.GMM.UPDATE_INTERVAL", "1"],
+        "GMMSeg, fast means (momentum 0.9, M-step every iteration)",
+    ),
+    "softmax_head_lr1": (SOFTMAX, HEAD_LR_1X, "softmax, head lr x1 (not the authors' x10)"),
+    "gmmseg_head_lr1": (GMMSEG, HEAD_LR_1X, "GMMSeg, head lr x1 (not the authors' x10)"),
+    "gmmseg_K1": (GMMSEG, ["MODEL.GMM.NUM_COMPONENTS", "1"], "GMMSeg, K = 1"),
+    "gmmseg_vanilla_em": (GMMSEG, ["MODEL.GMM.E_STEP", "vanilla"], "GMMSeg, vanilla EM"),
+    "gmmseg_memory0": (GMMSEG, ["MODEL.GMM.MEMORY_CAPACITY", "0"], "GMMSeg, no memory"),
+    "gmmseg_discriminative": (GMMSEG, ["MODEL.GMM.FIT", "backprop"], "discriminative GMMSeg (backprop)"),
+    "softmax_posthoc_gmm": (SOFTMAX, [], "softmax + GMM fitted afterwards"),
+    "softmax_bootstrapped": (SOFTMAX, BOOTSTRAPPED, "softmax, bootstrapped loss (hardest 20%)"),
+    "gmmseg_bootstrapped": (GMMSEG, BOOTSTRAPPED, "GMMSeg, bootstrapped loss (hardest 20%)"),
+    "fpn_softmax": (CONFIGS / "fpn_R18_softmax.yaml", [], "softmax FPN R18"),
+    "fpn_gmmseg": (CONFIGS / "fpn_R18_gmmseg.yaml", [], "GMMSeg FPN R18"),
+    "segformer_softmax": (CONFIGS / "segformer_B0_softmax.yaml", [], "softmax SegFormer MiT-B0"),
+    "segformer_gmmseg": (CONFIGS / "segformer_B0_gmmseg.yaml", [], "GMMSeg SegFormer MiT-B0"),
+}  # fmt: skip
+HEADLINE = ("softmax", "gmmseg")
+HEADLINE = ("softmax", "gmmseg")
