@@ -77,6 +77,17 @@ def add_gmmseg_config(cfg: CN) -> None:
     # MODEL.SEM_SEG_HEAD.CONVS_DIM (DeepLab's heads use ASPP_DROPOUT instead).
     cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
 
+    # UperNet (gmmseg/modeling/upernet_head.py, UPerNetHead; its convs have MODEL.SEM_SEG_HEAD.CONVS_DIM
+    # channels, 512 in mmsegmentation's configs, and dropout MODEL.SEM_SEG_HEAD.DROPOUT before the
+    # classifier). The pyramid pooling module's grid sizes on the coarsest input; the auxiliary FCN head of
+    # mmsegmentation's UperNet configs, trained only: the backbone output it reads, its channels, and the
+    # weight of its cross-entropy (0: no auxiliary head).
+    cfg.MODEL.UPERNET = CN()
+    cfg.MODEL.UPERNET.POOL_SCALES = [1, 2, 3, 6]
+    cfg.MODEL.UPERNET.AUX_IN_FEATURE = "res4"
+    cfg.MODEL.UPERNET.AUX_CHANNELS = 256
+    cfg.MODEL.UPERNET.AUX_LOSS_WEIGHT = 0.4
+
     # GMMSeg: the generative classifier that replaces a head's softmax predictor (reference values).
     cfg.MODEL.GMM = CN()
     # GMMSeg on any per-pixel head (PosteriorSemanticSegmentor): build MODEL.SEM_SEG_HEAD.NAME as usual, then

@@ -33,6 +33,7 @@ from gmmseg.config_rules import (
     integer,
     one_of,
 )
+from gmmseg.config_rules_upernet import UPERNET_KEY_RULES, upernet_head_reads_backbone_outputs
 from gmmseg.modeling.anomaly_scores import (
     ANOMALY_SCORES,
     MASK_CLASSIFICATION_MAPS,
@@ -125,6 +126,7 @@ KEY_RULES: dict[str, Rule] = {
     "MODEL.MIT.DROP_PATH_RATE": FRACTION,
     "MODEL.MIT.OUT_FEATURES": MIT_OUTPUTS,
     "MODEL.SEM_SEG_HEAD.DROPOUT": FRACTION,
+    **UPERNET_KEY_RULES,
     "TEST.ANOMALY_SCORES": ANOMALY_SCORE_NAMES,
     "TEST.MAHALANOBIS_STATS": existing_file("fit_mahalanobis.py"),
     "TEST.POSTHOC_GMM": existing_file("fit_posthoc_gmm.py"),
@@ -349,6 +351,7 @@ CROSS_KEY_RULES: tuple[Callable[[CfgNode], None], ...] = (
     _posthoc_gmm_replaces_a_softmax_head,
     _gmm_enabled_converts_a_softmax_head,
     _head_reads_mit_outputs,
+    upernet_head_reads_backbone_outputs,
     _mask_former,
     _crop_size,
     _datasets_agree_with_metadata,

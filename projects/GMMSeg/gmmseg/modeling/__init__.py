@@ -12,6 +12,7 @@ from .gmm_heads import GMMDeepLabV3PlusHead, GMMSemSegFPNHead
 from .gmm_predictor import GMMPredictor, GMMPredictorBase, QueryGMMPredictor
 from .meta_arch import PosteriorSemanticSegmentor
 from .segformer_head import SegFormerHead
+from .upernet_head import UPerNetHead
 
 __all__ = [
     "D2MixTransformer",
@@ -23,6 +24,7 @@ __all__ = [
     "PosteriorSemanticSegmentor",
     "QueryGMMPredictor",
     "SegFormerHead",
+    "UPerNetHead",
     "build_sem_seg_head",
     "convert_head_to_gmm",
 ]

@@ -12,7 +12,8 @@ parameter names do not change (``sem_seg_head.<decoder...>``, ``sem_seg_head.gmm
 ``isinstance`` with the original class still holds. Outside ``GMMHead.forward`` the tap is the identity:
 ``head.layers(features)`` returns the decoder features.
 
-The converted head returns, in training, ``(None, {"loss_sem_seg", "loss_gmm_component"})``; at inference
+The converted head returns, in training, ``(None, {"loss_sem_seg", "loss_gmm_component"})`` (and the
+head's auxiliary losses, if it has any: contract point 5); at inference
 ``({"logits": (N, C, H, W), "anomaly": (N, H, W)}, {})`` at the padded input resolution, which
 ``PosteriorSemanticSegmentor`` turns into ``sem_seg`` posteriors and an ``anomaly`` map per image. Called
 with ``fullres_anomaly=True`` (the ``gmm_fullres`` score) the dict also holds ``"anomaly_fullres"``
@@ -102,6 +103,9 @@ class GMMHead(nn.Module):
         if self.training:
             losses = self.gmm_predictor.losses(outputs, targets, logits)
             losses["loss_sem_seg"] = losses["loss_sem_seg"] * self.loss_weight
+            auxiliary = getattr(self, "auxiliary_losses", None)  # auxiliary softmax heads (UperNet's)
+            if auxiliary is not None:
+                losses.update(auxiliary(features, targets))
             return None, losses
         anomaly = F.interpolate(
             GMMPredictor.anomaly_map(outputs)[:, None],
@@ -167,7 +171,10 @@ def convert_head_to_gmm(head: nn.Module, cfg: CfgNode) -> GMMHead:
        ``head.loss_weight`` scales the GMM cross-entropy as it scaled the softmax one;
     4. ``head.ignore_value``, if present, equals ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``, which the GMM losses
        use; ``head.loss_type``, if present ("cross_entropy" | "hard_pixel_mining", as DeepLab's heads),
-       picks the GMM cross-entropy, else plain cross-entropy.
+       picks the GMM cross-entropy, else plain cross-entropy;
+    5. ``head.auxiliary_losses(features, targets)``, if present, gives the training losses of auxiliary
+       heads that read the backbone features (``UPerNetHead``'s FCN head on res4): the head's own forward
+       adds them after its main loss, and so does the GMM head's.
 
     The softmax classifier's weights are dropped (the ``GMMPredictor`` is drawn after the head is built),
     so checkpoints hold ``<head>.gmm_predictor.*`` and no ``<head>.predictor.*``.
