@@ -51,11 +51,16 @@ PAPER = {
     },
 }
 PAPER_LEAFS = [p for p in LEAFS if p.parent.name in PAPER]
-PIXEL_PAPER_LEAFS = [p for p in PAPER_LEAFS if not p.stem.startswith(("mask2former", "segformer"))]
+PIXEL_PAPER_LEAFS = [p for p in PAPER_LEAFS if not p.stem.startswith(("mask2former", "segformer", "ocrnet"))]
 MASK2FORMER_PAPER_LEAFS = [p for p in PAPER_LEAFS if p.stem.startswith("mask2former")]
 SEGFORMER_PAPER_LEAFS = [p for p in PAPER_LEAFS if p.stem.startswith("segformer")]
 # paper configs beyond the DeepLabV3+, FPN and Mask2Former pairs every dataset has
 EXTRA_PAPER_STEMS = {"cityscapes": {"segformer_B5_softmax", "segformer_B5_gmmseg"}}
+# OCRNet / HRNetV2-W48: a pair on every dataset, and one on DigitScapes
+OCRNET_PAPER_LEAFS = [p for p in PAPER_LEAFS if p.stem.startswith("ocrnet")]
+OCRNET_STEMS = {"ocrnet_HRNetW48_softmax", "ocrnet_HRNetW48_gmmseg"}
+for _name in PAPER:
+    EXTRA_PAPER_STEMS[_name] = EXTRA_PAPER_STEMS.get(_name, set()) | OCRNET_STEMS
 ARCHITECTURES = ("PosteriorSemanticSegmentor", "PosteriorMaskFormer", "GMMMaskFormer")
 CLASSES = {"digitscapes": 12, **{name: spec["classes"] for name, spec in PAPER.items()}}
 # softmax head -> its GMMSeg partner's head; SegFormerHead stays itself and turns GMM by MODEL.GMM.ENABLED
@@ -63,6 +68,7 @@ HEAD_PAIRS = {
     "DeepLabV3PlusHead": "GMMDeepLabV3PlusHead",
     "SemSegFPNHead": "GMMSemSegFPNHead",
     "SegFormerHead": "SegFormerHead",
+    "OCRHead": "OCRHead",
 }
 # The reference GMMSeg values (D, K, memory, per step, interval, momentum, Sinkhorn eps and iterations).
 GMM_REFERENCE = {
@@ -121,6 +127,8 @@ def test_configs_exist():
         "mask2former_R18_gmmseg",
         "segformer_B0_softmax",
         "segformer_B0_gmmseg",
+        "ocrnet_HRNetW18_softmax",
+        "ocrnet_HRNetW18_gmmseg",
     }
 
 
@@ -268,6 +276,46 @@ def test_paper_segformer_settings(path):
     assert cfg.OUTPUT_DIR == f"./output/{path.parent.name}/{path.stem}"
 
 
+# mmsegmentation's ocrnet_hr48 schedules: 80k on Cityscapes (and here COCO-Stuff), 160k on ADE20K
+OCRNET_MAX_ITER = {"cityscapes": 80000, "ade20k": 160000, "coco_stuff": 80000}
+
+
+@pytest.mark.parametrize("path", OCRNET_PAPER_LEAFS, ids=_id)
+def test_paper_ocrnet_settings(path):
+    """OCRNet / HRNetV2-W48 with mmsegmentation's ocrnet_hr48 model and solver (SGD lr 0.01, momentum 0.9,
+    weight decay 5e-4, poly 0.9, auxiliary loss 0.4, SyncBN) on the paper's crops and test protocol
+    (Cityscapes 768x768 with 768 / 512 windows; ADE20K and COCO-Stuff 512x512, whole images at short
+    side 512), converted official HRNet-W48-C weights; configs/README.md lists the differences."""
+    cfg, spec = load(path), PAPER[path.parent.name]
+    head, cityscapes = cfg.MODEL.SEM_SEG_HEAD, path.parent.name == "cityscapes"
+    assert (head.NUM_CLASSES, head.IGNORE_VALUE) == (spec["classes"], 255)
+    assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == (spec["train"], spec["test"])
+    assert cfg.MODEL.DEVICE == "cuda" and cfg.MODEL.WEIGHTS == "hrnetv2_w48_d2.pth"
+    hrnet = cfg.MODEL.HRNET
+    assert (cfg.MODEL.BACKBONE.NAME, hrnet.VARIANT, hrnet.NORM) == ("D2HRNet", "W48", "SyncBN")
+    assert (head.NAME, head.NORM, head.DROPOUT, head.COMMON_STRIDE) == ("OCRHead", "SyncBN", 0.0, 4)
+    assert list(head.IN_FEATURES) == ["res2", "res3", "res4", "res5"]
+    ocr = cfg.MODEL.OCR
+    assert (ocr.CHANNELS, ocr.KEY_CHANNELS, ocr.AUX_LOSS_WEIGHT) == (512, 256, 0.4)
+    crop = cfg.INPUT.CROP
+    assert (list(crop.SIZE), crop.TYPE, crop.SINGLE_CATEGORY_MAX_AREA) == (spec["crop"], "absolute", 0.75)
+    short = (512, 2048) if cityscapes else (256, 1024)
+    assert (cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING) == (short, "range")
+    assert cfg.INPUT.COLOR_AUG_SSD and cfg.INPUT.RANDOM_FLIP == "horizontal"
+    assert cfg.INPUT.MIN_SIZE_TEST == (1024 if cityscapes else 512)
+    solver = cfg.SOLVER
+    assert (solver.OPTIMIZER, solver.BASE_LR, solver.MOMENTUM) == ("SGD", 0.01, 0.9)
+    assert solver.WEIGHT_DECAY == solver.WEIGHT_DECAY_NORM == 0.0005
+    assert solver.HEAD_MULTIPLIER == 1 and solver.BACKBONE_MULTIPLIER == 1
+    assert (solver.LR_SCHEDULER_NAME, solver.POLY_LR_POWER, solver.WARMUP_ITERS) == ("WarmupPolyLR", 0.9, 0)
+    assert solver.IMS_PER_BATCH == 16 and solver.MAX_ITER == OCRNET_MAX_ITER[path.parent.name]
+    window = cfg.TEST.SLIDING_WINDOW
+    assert window.ENABLED == cityscapes
+    if cityscapes:
+        assert (list(window.SIZE), list(window.STRIDE)) == ([768, 768], [512, 512])
+    assert cfg.OUTPUT_DIR == f"./output/{path.parent.name}/{path.stem}"
+
+
 @pytest.mark.parametrize("path", [p for p in GMMSEG_LEAFS if p.parent.name in PAPER], ids=_id)
 def test_paper_gmmseg_configs_use_reference_gmm_values(path):
     defaults = get_cfg()
@@ -291,7 +339,7 @@ def test_paper_gmmseg_configs_use_reference_gmm_values(path):
 def test_model_builds_on_cpu(path):
     cfg = load(path)
     opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""]
-    for key in ("MODEL.RESNETS.NORM", "MODEL.SEM_SEG_HEAD.NORM", "MODEL.FPN.NORM"):
+    for key in ("MODEL.RESNETS.NORM", "MODEL.SEM_SEG_HEAD.NORM", "MODEL.FPN.NORM", "MODEL.HRNET.NORM"):
         if flatten(cfg)[key] in SYNC_NORMS:  # SyncBN needs a process group (and GPUs) to train
             opts += [key, "BN"]
     cfg.merge_from_list(opts)
