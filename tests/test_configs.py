@@ -51,12 +51,18 @@ PAPER = {
     },
 }
 PAPER_LEAFS = [p for p in LEAFS if p.parent.name in PAPER]
-PIXEL_PAPER_LEAFS = [p for p in PAPER_LEAFS if not p.stem.startswith(("mask2former", "segformer", "upernet"))]
+NON_PIXEL_HEADS = ("mask2former", "segformer", "upernet", "ocrnet")  # pairs with their own settings test
+PIXEL_PAPER_LEAFS = [p for p in PAPER_LEAFS if not p.stem.startswith(NON_PIXEL_HEADS)]
 MASK2FORMER_PAPER_LEAFS = [p for p in PAPER_LEAFS if p.stem.startswith("mask2former")]
 SEGFORMER_PAPER_LEAFS = [p for p in PAPER_LEAFS if p.stem.startswith("segformer")]
 UPERNET_PAPER_LEAFS = [p for p in PAPER_LEAFS if p.stem.startswith("upernet")]
 # paper configs beyond the DeepLabV3+, FPN, Mask2Former and UperNet pairs every dataset has
 EXTRA_PAPER_STEMS = {"cityscapes": {"segformer_B5_softmax", "segformer_B5_gmmseg"}}
+# OCRNet / HRNetV2-W48: a pair on every dataset, and one on DigitScapes
+OCRNET_PAPER_LEAFS = [p for p in PAPER_LEAFS if p.stem.startswith("ocrnet")]
+OCRNET_STEMS = {"ocrnet_HRNetW48_softmax", "ocrnet_HRNetW48_gmmseg"}
+for _name in PAPER:
+    EXTRA_PAPER_STEMS[_name] = EXTRA_PAPER_STEMS.get(_name, set()) | OCRNET_STEMS
 ARCHITECTURES = ("PosteriorSemanticSegmentor", "PosteriorMaskFormer", "GMMMaskFormer")
 CLASSES = {"digitscapes": 12, **{name: spec["classes"] for name, spec in PAPER.items()}}
 # softmax head -> its GMMSeg partner's head; SegFormerHead and UPerNetHead stay themselves and turn GMM by
@@ -66,6 +72,7 @@ HEAD_PAIRS = {
     "SemSegFPNHead": "GMMSemSegFPNHead",
     "SegFormerHead": "SegFormerHead",
     "UPerNetHead": "UPerNetHead",
+    "OCRHead": "OCRHead",
 }
 # The reference GMMSeg values (D, K, memory, per step, interval, momentum, Sinkhorn eps and iterations).
 GMM_REFERENCE = {
@@ -128,6 +135,8 @@ def test_configs_exist():
         "segformer_B0_gmmseg",
         "upernet_R18_softmax",
         "upernet_R18_gmmseg",
+        "ocrnet_HRNetW18_softmax",
+        "ocrnet_HRNetW18_gmmseg",
     }
 
 
@@ -242,96 +251,6 @@ def test_paper_mask2former_settings(path):
     assert cfg.OUTPUT_DIR == f"./output/{path.parent.name}/{path.stem}"
 
 
-@pytest.mark.parametrize("path", SEGFORMER_PAPER_LEAFS, ids=_id)
-def test_paper_segformer_settings(path):
-    """The GMMSeg authors' SegFormer-B5 Cityscapes run (segformer_mit-b5_gmmseg_768x768_80k_cityscapes) with
-    converted MiT-B5 weights; configs/README.md lists where Detectron2 still differs from it."""
-    cfg, spec = load(path), PAPER[path.parent.name]
-    head = cfg.MODEL.SEM_SEG_HEAD
-    assert (head.NUM_CLASSES, head.IGNORE_VALUE) == (spec["classes"], 255)
-    assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == (spec["train"], spec["test"])
-    assert cfg.MODEL.DEVICE == "cuda" and cfg.MODEL.WEIGHTS == "mit_b5_d2.pth"
-    assert cfg.MODEL.BACKBONE.NAME == "D2MixTransformer"
-    assert (cfg.MODEL.MIT.VARIANT, cfg.MODEL.MIT.DROP_PATH_RATE) == ("B5", 0.1)
-    assert (head.NAME, head.CONVS_DIM, head.DROPOUT, head.NORM) == ("SegFormerHead", 768, 0.1, "SyncBN")
-    assert list(head.IN_FEATURES) == ["res2", "res3", "res4", "res5"] and head.COMMON_STRIDE == 4
-    crop = cfg.INPUT.CROP
-    assert (list(crop.SIZE), crop.TYPE, crop.SINGLE_CATEGORY_MAX_AREA) == ([768, 768], "absolute", 0.75)
-    assert (cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING) == ((512, 2048), "range")
-    assert cfg.INPUT.COLOR_AUG_SSD and cfg.INPUT.RANDOM_FLIP == "horizontal"
-    solver = cfg.SOLVER
-    assert (solver.OPTIMIZER, solver.BASE_LR, solver.WEIGHT_DECAY, solver.WEIGHT_DECAY_NORM) == (
-        "ADAMW",
-        6e-5,
-        0.01,
-        0.0,
-    )
-    assert solver.HEAD_MULTIPLIER == 10 and solver.BACKBONE_MULTIPLIER == 1
-    assert (solver.LR_SCHEDULER_NAME, solver.POLY_LR_POWER) == ("WarmupPolyLR", 1.0)
-    assert (solver.WARMUP_METHOD, solver.WARMUP_ITERS, solver.WARMUP_FACTOR) == ("linear", 1500, 1e-6)
-    assert (solver.IMS_PER_BATCH, solver.MAX_ITER) == (16, 80000)
-    window = cfg.TEST.SLIDING_WINDOW
-    assert window.ENABLED and (list(window.SIZE), list(window.STRIDE)) == ([768, 768], [512, 512])
-    assert cfg.OUTPUT_DIR == f"./output/{path.parent.name}/{path.stem}"
-
-
-# UperNet-Swin per dataset (mmsegmentation's UperNet-Swin-B, ImageNet-1k 224, window 7, with the paper's
-# crops): crop, iterations, sliding windows (Cityscapes) or whole images at short side 512
-UPERNET_PAPER = {
-    "cityscapes": {"crop": [768, 768], "short": (512, 2048), "max_iter": 80000, "window": True, "test": 1024},
-    "ade20k": {"crop": [512, 512], "short": (256, 1024), "max_iter": 160000, "window": False, "test": 512},
-    "coco_stuff": {"crop": [512, 512], "short": (256, 1024), "max_iter": 80000, "window": False, "test": 512},
-}
-
-
-@pytest.mark.parametrize("path", UPERNET_PAPER_LEAFS, ids=_id)
-def test_paper_upernet_settings(path):
-    """The paper's UperNet-Swin rows: mmsegmentation's UperNet-Swin-B (UPerHead with 512 channels, pool
-    scales 1/2/3/6, auxiliary FCN head on res4 at 0.4) and its AdamW solver; configs/README.md lists where
-    Detectron2 still differs from it."""
-    cfg, spec, upernet = load(path), PAPER[path.parent.name], UPERNET_PAPER[path.parent.name]
-    head = cfg.MODEL.SEM_SEG_HEAD
-    assert (head.NUM_CLASSES, head.IGNORE_VALUE) == (spec["classes"], 255)
-    assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == (spec["train"], spec["test"])
-    assert cfg.MODEL.DEVICE == "cuda" and cfg.MODEL.WEIGHTS == "swin_base_patch4_window7_224.pkl"
-    assert cfg.MODEL.BACKBONE.NAME == "D2SwinTransformer"
-    swin = cfg.MODEL.SWIN
-    assert (swin.EMBED_DIM, list(swin.DEPTHS), list(swin.NUM_HEADS), swin.WINDOW_SIZE) == (
-        128,
-        [2, 2, 18, 2],
-        [4, 8, 16, 32],
-        7,
-    )
-    assert (swin.DROP_PATH_RATE, swin.APE, swin.PRETRAIN_IMG_SIZE) == (0.3, False, 224)
-    assert (head.NAME, head.CONVS_DIM, head.DROPOUT, head.NORM) == ("UPerNetHead", 512, 0.1, "SyncBN")
-    assert list(head.IN_FEATURES) == ["res2", "res3", "res4", "res5"] and head.COMMON_STRIDE == 4
-    aux = cfg.MODEL.UPERNET
-    assert list(aux.POOL_SCALES) == [1, 2, 3, 6]
-    assert (aux.AUX_IN_FEATURE, aux.AUX_CHANNELS, aux.AUX_LOSS_WEIGHT) == ("res4", 256, 0.4)
-    crop = cfg.INPUT.CROP
-    assert (list(crop.SIZE), crop.TYPE, crop.SINGLE_CATEGORY_MAX_AREA) == (upernet["crop"], "absolute", 0.75)
-    # mmseg's Resize(ratio_range=(0.5, 2.0)): the short side uniform in [0.5, 2] x 1024 (Cityscapes) or 512
-    assert (tuple(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING) == (upernet["short"], "range")
-    assert cfg.INPUT.COLOR_AUG_SSD and cfg.INPUT.RANDOM_FLIP == "horizontal"
-    assert cfg.INPUT.MIN_SIZE_TEST == upernet["test"]
-    solver = cfg.SOLVER
-    assert (solver.OPTIMIZER, solver.BASE_LR, solver.WEIGHT_DECAY, solver.WEIGHT_DECAY_NORM) == (
-        "ADAMW",
-        6e-5,
-        0.01,
-        0.0,
-    )
-    assert solver.WEIGHT_DECAY_EMBED == 0.0 and solver.HEAD_MULTIPLIER == solver.BACKBONE_MULTIPLIER == 1
-    assert (solver.LR_SCHEDULER_NAME, solver.POLY_LR_POWER) == ("WarmupPolyLR", 1.0)
-    assert (solver.WARMUP_METHOD, solver.WARMUP_ITERS, solver.WARMUP_FACTOR) == ("linear", 1500, 1e-6)
-    assert (solver.IMS_PER_BATCH, solver.MAX_ITER) == (16, upernet["max_iter"])
-    window = cfg.TEST.SLIDING_WINDOW
-    assert window.ENABLED == upernet["window"]
-    if window.ENABLED:
-        assert (list(window.SIZE), list(window.STRIDE)) == ([768, 768], [512, 512])
-    assert cfg.OUTPUT_DIR == f"./output/{path.parent.name}/{path.stem}"
-
-
 @pytest.mark.parametrize("path", [p for p in GMMSEG_LEAFS if p.parent.name in PAPER], ids=_id)
 def test_paper_gmmseg_configs_use_reference_gmm_values(path):
     defaults = get_cfg()
@@ -355,7 +274,7 @@ def test_paper_gmmseg_configs_use_reference_gmm_values(path):
 def test_model_builds_on_cpu(path):
     cfg = load(path)
     opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""]
-    for key in ("MODEL.RESNETS.NORM", "MODEL.SEM_SEG_HEAD.NORM", "MODEL.FPN.NORM"):
+    for key in ("MODEL.RESNETS.NORM", "MODEL.SEM_SEG_HEAD.NORM", "MODEL.FPN.NORM", "MODEL.HRNET.NORM"):
         if flatten(cfg)[key] in SYNC_NORMS:  # SyncBN needs a process group (and GPUs) to train
             opts += [key, "BN"]
     cfg.merge_from_list(opts)

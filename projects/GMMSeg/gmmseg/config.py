@@ -133,3 +133,20 @@ def add_gmmseg_config(cfg: CN) -> None:
     # metrics.json (tools/plot_gmm_diagnostics.py plots them). 0: off. A multiple of 20, the period at which
     # Detectron2 writes metrics.json (it keeps only each key's latest value).
     cfg.MODEL.GMM.DIAGNOSTICS_PERIOD = 0
+
+    # HRNet (gmmseg/modeling/backbone/hrnet.py), backbone "D2HRNet": its size, "W18_SMALL", "W18_SMALL_V2",
+    # "W18", "W30", "W32", "W40", "W44", "W48" or "W64" (HRNet-Image-Classification's); its norm, "BN",
+    # "SyncBN" or "FrozenBN"; its outputs, the last stage's branches among "res2" ... "res5" (strides 4 ...
+    # 32, channels W, 2W, 4W, 8W: 48/96/192/384 for W48).
+    cfg.MODEL.HRNET = CN()
+    cfg.MODEL.HRNET.VARIANT = "W48"
+    cfg.MODEL.HRNET.NORM = "BN"
+    cfg.MODEL.HRNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # OCRNet's head (gmmseg/modeling/ocr_head.py, "OCRHead"): the channels of its pixel and object-contextual
+    # representations (512), of its attention keys and queries (256), and the weight of the cross-entropy of
+    # its auxiliary soft-region classifier (0.4, mmsegmentation's ocrnet_hr* configs). Its norm is
+    # MODEL.SEM_SEG_HEAD.NORM, its dropout before the classifier MODEL.SEM_SEG_HEAD.DROPOUT.
+    cfg.MODEL.OCR = CN()
+    cfg.MODEL.OCR.CHANNELS = 512
+    cfg.MODEL.OCR.KEY_CHANNELS = 256
+    cfg.MODEL.OCR.AUX_LOSS_WEIGHT = 0.4

@@ -33,7 +33,8 @@ from gmmseg.config_rules import (
     integer,
     one_of,
 )
-from gmmseg.config_rules_upernet import UPERNET_KEY_RULES, upernet_head_reads_backbone_outputs
+from gmmseg.config_validation_ocrnet import OCRNET_CROSS_KEY_RULES, OCRNET_KEY_RULES
+from gmmseg.config_validation_upernet import UPERNET_KEY_RULES, upernet_head_reads_backbone_outputs
 from gmmseg.modeling.anomaly_scores import (
     ANOMALY_SCORES,
     MASK_CLASSIFICATION_MAPS,
@@ -135,6 +136,7 @@ KEY_RULES: dict[str, Rule] = {
     "TEST.ANOMALY_NUM_BINS": integer(2),
     "TEST.SLIDING_WINDOW.SIZE": HEIGHT_WIDTH,
     "TEST.SLIDING_WINDOW.STRIDE": HEIGHT_WIDTH,
+    **OCRNET_KEY_RULES,
 }
 # Keys that exist (Mask2Former installed) and matter only for the Mask2Former meta-architectures.
 MASK_FORMER_KEY_RULES: dict[str, Rule] = {
@@ -355,6 +357,7 @@ CROSS_KEY_RULES: tuple[Callable[[CfgNode], None], ...] = (
     _mask_former,
     _crop_size,
     _datasets_agree_with_metadata,
+    *OCRNET_CROSS_KEY_RULES,
 )
 
 

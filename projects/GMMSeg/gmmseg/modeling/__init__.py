@@ -6,21 +6,24 @@ registered when Mask2Former (``maskformer2``) is installed, as ``tools/install.p
 
 from gmmseg.config import MASK2FORMER_IMPORT_ERROR
 
-from .backbone import D2MixTransformer
+from .backbone import D2HRNet, D2MixTransformer
 from .gmm_head import GMMHead, build_sem_seg_head, convert_head_to_gmm
 from .gmm_heads import GMMDeepLabV3PlusHead, GMMSemSegFPNHead
 from .gmm_predictor import GMMPredictor, GMMPredictorBase, QueryGMMPredictor
 from .meta_arch import PosteriorSemanticSegmentor
+from .ocr_head import OCRHead
 from .segformer_head import SegFormerHead
 from .upernet_head import UPerNetHead
 
 __all__ = [
+    "D2HRNet",
     "D2MixTransformer",
     "GMMDeepLabV3PlusHead",
     "GMMHead",
     "GMMPredictor",
     "GMMPredictorBase",
     "GMMSemSegFPNHead",
+    "OCRHead",
     "PosteriorSemanticSegmentor",
     "QueryGMMPredictor",
     "SegFormerHead",

@@ -41,6 +41,7 @@ __all__ = [
     "convert_head_to_gmm",
     "gmm_class_of",
     "gmm_head_class",
+    "pop_auxiliary_losses",
 ]
 
 
@@ -65,6 +66,17 @@ class DecoderTap(nn.Module):
         if self.stop:
             raise DecoderFeatures(x)
         return x
+
+
+def pop_auxiliary_losses(head: nn.Module) -> dict[str, Tensor]:
+    """The losses ``head`` stored in ``head.auxiliary_losses`` during its last forward, handed over once
+    (the attribute is emptied, so no graph outlives the step). Heads with a loss of their own besides the
+    classifier's (OCRNet's soft-region branch) compute it before calling ``predictor`` and store it there:
+    the GMM head's forward never returns to theirs, so this is how such a loss reaches the total."""
+    losses = dict(getattr(head, "auxiliary_losses", None) or {})
+    if losses:
+        head.auxiliary_losses = {}
+    return losses
 
 
 class GMMHead(nn.Module):
@@ -97,16 +109,17 @@ class GMMHead(nn.Module):
         self, features: dict[str, Tensor], targets: Tensor | None = None, *, fullres_anomaly: bool = False
     ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
         outputs = self.gmm_predictor(self.decoder_features(features, targets))
+        auxiliary = pop_auxiliary_losses(self)
         logits = F.interpolate(
             outputs["logits"], scale_factor=self.common_stride, mode="bilinear", align_corners=False
         )
         if self.training:
             losses = self.gmm_predictor.losses(outputs, targets, logits)
             losses["loss_sem_seg"] = losses["loss_sem_seg"] * self.loss_weight
-            auxiliary = getattr(self, "auxiliary_losses", None)  # auxiliary softmax heads (UperNet's)
-            if auxiliary is not None:
-                losses.update(auxiliary(features, targets))
-            return None, losses
+            clash = sorted(set(auxiliary) & set(losses))
+            if clash:
+                raise KeyError(f"{type(self).__name__}.auxiliary_losses reuses the GMM losses' names {clash}")
+            return None, {**losses, **auxiliary}
         anomaly = F.interpolate(
             GMMPredictor.anomaly_map(outputs)[:, None],
             scale_factor=self.common_stride,
@@ -172,9 +185,9 @@ def convert_head_to_gmm(head: nn.Module, cfg: CfgNode) -> GMMHead:
     4. ``head.ignore_value``, if present, equals ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``, which the GMM losses
        use; ``head.loss_type``, if present ("cross_entropy" | "hard_pixel_mining", as DeepLab's heads),
        picks the GMM cross-entropy, else plain cross-entropy;
-    5. ``head.auxiliary_losses(features, targets)``, if present, gives the training losses of auxiliary
-       heads that read the backbone features (``UPerNetHead``'s FCN head on res4): the head's own forward
-       adds them after its main loss, and so does the GMM head's.
+    5. losses of the head's own besides the classifier's (an auxiliary branch, as OCRNet's soft object
+       regions) are computed in forward before the ``predictor`` call and stored in the dict
+       ``head.auxiliary_losses`` (``pop_auxiliary_losses``): the GMM head adds them to its losses.
 
     The softmax classifier's weights are dropped (the ``GMMPredictor`` is drawn after the head is built),
     so checkpoints hold ``<head>.gmm_predictor.*`` and no ``<head>.predictor.*``.

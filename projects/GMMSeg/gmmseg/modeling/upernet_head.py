@@ -11,8 +11,9 @@ the finest first; a 3x3 fuse conv, dropout and the 1x1 classifier ``predictor``.
 mmsegmentation's UperNet configs add an auxiliary FCN head on res4 (3x3 conv to 256 channels + norm +
 ReLU, dropout, 1x1 classifier; its cross-entropy weighted 0.4), used only in training. It is
 ``AuxiliaryFCNHead`` here, inside ``UPerNetHead`` (``MODEL.UPERNET.AUX_*``; weight 0 builds none), and its
-loss comes from ``auxiliary_losses``, which ``GMMHead`` also calls: with ``MODEL.GMM.ENABLED`` the decode
-head's classifier becomes the GMM predictor and the auxiliary head stays a softmax head, as in training a
+loss is computed in ``forward`` before the decoder and stored in ``auxiliary_losses``, which ``GMMHead``
+also adds (``gmm_head.pop_auxiliary_losses``): with ``MODEL.GMM.ENABLED`` the decode head's classifier
+becomes the GMM predictor and the auxiliary head stays a softmax head, as in training a
 GMMSeg model with mmsegmentation's UperNet config.
 
 The main head follows Detectron2's head contract (``SemSegFPNHead``'s forward and losses, as
@@ -31,6 +32,8 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 from fvcore.nn import weight_init
 from torch import Tensor, nn
+
+from .gmm_head import pop_auxiliary_losses
 
 __all__ = ["AuxiliaryFCNHead", "PyramidPooling", "UPerNetHead"]
 
@@ -196,14 +199,18 @@ class UPerNetHead(nn.Module):
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
         """``SemSegFPNHead``'s contract: training ``(None, {"loss_sem_seg"[, "loss_sem_seg_aux"]})``,
         inference ``(logits at the input resolution, {})``."""
+        self.auxiliary_losses = (
+            self.auxiliary_head_losses(features, targets) if self.training and targets is not None else {}
+        )
         results, losses = SemSegFPNHead.forward(self, features, targets)
         if self.training:
-            losses.update(self.auxiliary_losses(features, targets))
+            losses.update(pop_auxiliary_losses(self))
         return results, losses
 
-    def auxiliary_losses(self, features: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+    def auxiliary_head_losses(self, features: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
         """The auxiliary FCN head's weighted cross-entropy (``{}`` without one), on its logits upsampled
-        to the targets' size. ``GMMHead.forward`` adds these too, so the GMM model keeps them."""
+        to the targets' size. Stored before the decoder runs, so that ``GMMHead.forward``, which stops the
+        head's forward at ``predictor``, adds it too and the GMM model keeps it."""
         if self.aux_head is None:
             return {}
         logits = _upsample(self.aux_head(features[self.aux_in_feature]).float(), targets.shape[-2:])
