@@ -122,3 +122,16 @@ def add_gmmseg_config(cfg: CN) -> None:
     # metrics.json (tools/plot_gmm_diagnostics.py plots them). 0: off. A multiple of 20, the period at which
     # Detectron2 writes metrics.json (it keeps only each key's latest value).
     cfg.MODEL.GMM.DIAGNOSTICS_PERIOD = 0
+
+    # Anomaly evaluation conventions (README "Anomaly segmentation evaluation"). AGGREGATION: "pooled" (all
+    # non-void pixels of a split, SegmentMeIfYouCan's) or "per_image" (mean over images, pytorch-ood's).
+    # COMPONENTS: SegmentMeIfYouCan's sIoU / PPV / mean F1; size filters in pixels, -1 = the dataset's
+    # (metadata component_min_pred_size / component_min_gt_size, else the anomaly track's 500 / 100);
+    # THRESHOLD None = the pooled pixel curve's best-F1 point (needs TEST.ANOMALY_EVAL_MODE "exact" or an
+    # "auto" split that stays exact), or a fixed score threshold (prediction: score > threshold).
+    cfg.TEST.ANOMALY_AGGREGATION = "pooled"
+    cfg.TEST.ANOMALY_COMPONENTS = CN()
+    cfg.TEST.ANOMALY_COMPONENTS.ENABLED = True
+    cfg.TEST.ANOMALY_COMPONENTS.MIN_PRED_SIZE = -1
+    cfg.TEST.ANOMALY_COMPONENTS.MIN_GT_SIZE = -1
+    cfg.TEST.ANOMALY_COMPONENTS.THRESHOLD = None
