@@ -18,18 +18,21 @@ def test_rows_cover_semantic_only_and_anomaly_splits():
                 "gmm/near/AP": 20.0,
                 "gmm/near/FPR95": 50.0,
                 "gmm/bound_AUROC": 0.01,  # not a column
+                "gmm/sIoU": 25.0,
+                "gmm/PPV": 60.0,
+                "gmm/mean_F1": 12.5,
             },
         },
     }
     rows = results_rows("m", per_dataset)
     assert rows == [
-        ("m", "val", "51.23", "1.40", "-", "-", "-", "-"),
-        ("m", "anomaly_val", "-", "2.00", "gmm", "90.00", "40.00", "30.00"),
-        ("m", "anomaly_val", "-", "2.00", "gmm (near)", "80.00", "20.00", "50.00"),
+        ("m", "val", "51.23", "1.40", "-", "-", "-", "-", "-", "-", "-"),
+        ("m", "anomaly_val", "-", "2.00", "gmm", "90.00", "40.00", "30.00", "25.00", "60.00", "12.50"),
+        ("m", "anomaly_val", "-", "2.00", "gmm (near)", "80.00", "20.00", "50.00", "-", "-", "-"),
     ]
     table = markdown_table(rows).splitlines()
     assert (
-        table[0]
-        == "| model | dataset | mIoU (%) | ECE (%) | anomaly score | AUROC (%) | AP (%) | FPR95 (%) |"
+        table[0] == "| model | dataset | mIoU (%) | ECE (%) | anomaly score | AUROC (%) | AP (%) | FPR95 (%) "
+        "| sIoU (%) | PPV (%) | mean F1 (%) |"
     )
     assert len(table) == 2 + len(rows)

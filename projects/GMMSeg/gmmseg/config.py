@@ -150,3 +150,15 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.MODEL.OCR.CHANNELS = 512
     cfg.MODEL.OCR.KEY_CHANNELS = 256
     cfg.MODEL.OCR.AUX_LOSS_WEIGHT = 0.4
+    # Anomaly evaluation conventions (README "Anomaly segmentation evaluation"). AGGREGATION: "pooled" (all
+    # non-void pixels of a split, SegmentMeIfYouCan's) or "per_image" (mean over images, pytorch-ood's).
+    # COMPONENTS: SegmentMeIfYouCan's sIoU / PPV / mean F1; size filters in pixels, -1 = the dataset's
+    # (metadata component_min_pred_size / component_min_gt_size, else the anomaly track's 500 / 100);
+    # THRESHOLD None = the pooled pixel curve's best-F1 point (needs TEST.ANOMALY_EVAL_MODE "exact" or an
+    # "auto" split that stays exact), or a fixed score threshold (prediction: score > threshold).
+    cfg.TEST.ANOMALY_AGGREGATION = "pooled"
+    cfg.TEST.ANOMALY_COMPONENTS = CN()
+    cfg.TEST.ANOMALY_COMPONENTS.ENABLED = True
+    cfg.TEST.ANOMALY_COMPONENTS.MIN_PRED_SIZE = -1
+    cfg.TEST.ANOMALY_COMPONENTS.MIN_GT_SIZE = -1
+    cfg.TEST.ANOMALY_COMPONENTS.THRESHOLD = None

@@ -370,3 +370,18 @@ def validate_gmmseg_config(cfg: CfgNode) -> None:
     check_rules(cfg, KEY_RULES)
     for rule in CROSS_KEY_RULES:
         rule(cfg)
+
+
+# Anomaly evaluation conventions (gmmseg.evaluation.anomaly_aggregation, anomaly_components).
+KEY_RULES.update(
+    {
+        "TEST.ANOMALY_AGGREGATION": one_of("pooled", "per_image"),
+        "TEST.ANOMALY_COMPONENTS.ENABLED": BOOLEAN,
+        "TEST.ANOMALY_COMPONENTS.MIN_PRED_SIZE": integer(-1, "-1: the dataset's default"),
+        "TEST.ANOMALY_COMPONENTS.MIN_GT_SIZE": integer(-1, "-1: the dataset's default"),
+        "TEST.ANOMALY_COMPONENTS.THRESHOLD": Rule(
+            lambda v: v is None or (type(v) in (int, float) and math.isfinite(v)),
+            "None (the best-F1 point of the pixel curve) or a finite number",
+        ),
+    }
+)

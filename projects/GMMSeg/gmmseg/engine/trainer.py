@@ -77,9 +77,11 @@ class GMMSegTrainer(OptimizerStateInCheckpoints, DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
-        """Semantic evaluator (mIoU, ECE) where the split has labels; anomaly evaluator (AUROC, AP, FPR95
-        for every anomaly score) where it has ``ood`` maps. DigitScapes' anomaly_val gets both."""
+        """Semantic evaluator (mIoU, ECE) where the split has labels; anomaly evaluator (AUROC, AP, FPR95,
+        sIoU, PPV, mean F1 for every anomaly score) where it has ``ood`` maps. DigitScapes' anomaly_val gets
+        both."""
         from gmmseg.evaluation.anomaly import AnomalyEvaluator
+        from gmmseg.evaluation.anomaly_components import component_settings
 
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         meta = MetadataCatalog.get(dataset_name)
@@ -102,6 +104,14 @@ class GMMSegTrainer(OptimizerStateInCheckpoints, DefaultTrainer):
                     mode=cfg.TEST.ANOMALY_EVAL_MODE,
                     max_exact_pixels=cfg.TEST.ANOMALY_MAX_EXACT_PIXELS,
                     num_bins=cfg.TEST.ANOMALY_NUM_BINS,
+                    aggregation=cfg.TEST.ANOMALY_AGGREGATION,
+                    components=component_settings(
+                        cfg.TEST.ANOMALY_COMPONENTS.ENABLED,
+                        cfg.TEST.ANOMALY_COMPONENTS.MIN_PRED_SIZE,
+                        cfg.TEST.ANOMALY_COMPONENTS.MIN_GT_SIZE,
+                        cfg.TEST.ANOMALY_COMPONENTS.THRESHOLD,
+                        meta,
+                    ),
                 )
             )
         if not evaluators:

@@ -1,9 +1,10 @@
-"""Detectron2 evaluator of pixel-level anomaly segmentation: AUROC / AP / FPR95 of every anomaly score.
+"""Detectron2 evaluator of anomaly segmentation: AUROC / AP / FPR95 and sIoU / PPV / mean F1 of every score.
 
 The evaluator reads each image's anomaly ground truth (:mod:`.anomaly_labels`), keeps the valid pixels'
 scores (exact mode, :mod:`.anomaly_ranking`) or streams them into histograms (:mod:`.score_histogram`)
-when a split is too large to hold; the main process merges, computes the metrics and writes the report
-and figures (:mod:`.anomaly_report`).
+when a split is too large to hold; the main process merges, computes the metrics (pooled or per image,
+:mod:`.anomaly_aggregation`; components, :mod:`.anomaly_components`) and writes the report and figures
+(:mod:`.anomaly_report`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
+from .anomaly_aggregation import AGGREGATIONS, add_conventions, image_metrics, threshold_components
+from .anomaly_components import ComponentSettings
 from .anomaly_labels import CODE_ID, NUM_CODES, SUBSETS, load_codes
 from .anomaly_ranking import VOID, grouped_counts, metrics_from_counts, roc_pr_curves
 from .anomaly_report import write_anomaly_report
@@ -71,6 +74,8 @@ class AnomalyEvaluator(DatasetEvaluator):
         num_bins: int = 65536,
         score_range: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
         num_heatmaps: int = 4,
+        aggregation: str = "pooled",
+        components: ComponentSettings | None = None,
     ) -> None:
         """
         Args:
@@ -85,9 +90,16 @@ class AnomalyEvaluator(DatasetEvaluator):
             score_range: fixed histogram range, one ``(lo, hi)`` for all scores or ``{score: (lo, hi)}``;
                 identical on all ranks, so merging is exact. Without it the range comes from the data.
             num_heatmaps: image / ground truth / score panels written for the first images.
+            aggregation: ``"pooled"`` (all valid pixels of the split) or ``"per_image"`` (mean over images
+                of each image's AUROC / AP / FPR95).
+            components: SegmentMeIfYouCan's component metrics with these settings; ``None``: none. At the
+                best-F1 threshold they need exact mode (the images' scores are kept; they are skipped,
+                with a warning, once a split goes to histograms); a fixed threshold works in any mode.
         """
         if mode not in ("exact", "histogram", "auto"):
             raise ValueError(f"mode must be 'exact', 'histogram' or 'auto', got {mode!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         if max_exact_pixels < 1 or num_bins < 1 or num_heatmaps < 0:
             raise ValueError("max_exact_pixels and num_bins must be >= 1 and num_heatmaps >= 0")
         self._dataset_name = dataset_name
@@ -98,6 +110,8 @@ class AnomalyEvaluator(DatasetEvaluator):
         self._num_bins = int(num_bins)
         self._score_range = score_range
         self._num_heatmaps = int(num_heatmaps)
+        self._aggregation = aggregation
+        self._components = components
         self.reset()
 
     def reset(self) -> None:
@@ -110,6 +124,9 @@ class AnomalyEvaluator(DatasetEvaluator):
         self._num_pixels = 0
         self._has_family = False
         self._heatmaps: list[dict[str, Any]] = []
+        self._image_records: list[dict[str, Any]] = []  # per_image: each image's metrics
+        self._images: list[np.ndarray] = []  # components at best F1: each image's (H, W) codes
+        self._parts: dict[str, list] = {}  # components at a fixed threshold: each image's statistics
 
     # ---------------------------------------------------------------------------------------------
     def _range_for(self, name: str) -> tuple[float, float] | None:
@@ -153,6 +170,14 @@ class AnomalyEvaluator(DatasetEvaluator):
             self._hists[name] = hist
         self._codes, self._scores = [], {}
         self._use_hist = True
+        if self._images:
+            logger.warning(
+                "AnomalyEvaluator on %s: component metrics at the best-F1 threshold need exact mode; "
+                "they are skipped (set a fixed threshold, TEST.ANOMALY_COMPONENTS.THRESHOLD, or raise "
+                "TEST.ANOMALY_MAX_EXACT_PIXELS)",
+                self._dataset_name,
+            )
+        self._images = []
 
     @torch.no_grad()
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
@@ -185,6 +210,7 @@ class AnomalyEvaluator(DatasetEvaluator):
             if self._output_dir and len(self._heatmaps) < self._num_heatmaps:
                 self._heatmaps.append(self._heatmap_data(input_, codes, maps))
 
+            self._per_image(codes, flat_codes, scores, maps)
             self._num_pixels += flat_codes.size
             if self._use_hist:
                 for name in self._names:
@@ -211,6 +237,18 @@ class AnomalyEvaluator(DatasetEvaluator):
                     self._num_pixels,
                 )
                 self._switch_to_histograms(fix_range=True)
+
+    def _per_image(self, codes: np.ndarray, flat_codes: np.ndarray, scores: dict, maps: dict) -> None:
+        """What is kept of each image beyond its pixels: per-image metrics, components or its codes."""
+        if self._aggregation == "per_image":
+            self._image_records.append({n: image_metrics(s, flat_codes, SUBSETS) for n, s in scores.items()})
+        settings = self._components
+        if settings is not None and settings.threshold is not None:
+            for name in scores:
+                part = threshold_components(_map_numpy(maps[name]), codes, settings, settings.threshold, True)
+                self._parts.setdefault(name, []).append(part)
+        elif settings is not None and not self._use_hist:
+            self._images.append(codes)
 
     def _heatmap_data(self, input_: dict, codes: np.ndarray, maps: dict[str, Any]) -> dict[str, Any]:
         """Downsampled copies (longest side <= 512) of image, ground truth and scores for one heat map."""
@@ -242,6 +280,9 @@ class AnomalyEvaluator(DatasetEvaluator):
             "hists": self._hists,
             "has_family": self._has_family,
             "heatmaps": self._heatmaps,
+            "records": self._image_records,
+            "images": self._images,
+            "parts": self._parts,
         }
 
     def evaluate(self) -> OrderedDict[str, dict[str, float]] | None:
@@ -273,6 +314,7 @@ class AnomalyEvaluator(DatasetEvaluator):
         codes = np.concatenate([s["codes"] for s in states])
 
         grouped: dict[str, np.ndarray] = {}  # name -> (groups, codes) counts, highest score first
+        values: dict[str, np.ndarray] = {}  # name -> the groups' score values (exact mode)
         hists: dict[str, ScoreHistogram] = {}
         for name in names:
             if use_hist:  # merge() returns new objects: the processes' own histograms stay untouched
@@ -287,7 +329,7 @@ class AnomalyEvaluator(DatasetEvaluator):
                 grouped[name] = hist.counts[::-1]
             else:
                 scores = np.concatenate([s["scores"][name] for s in states])
-                grouped[name] = grouped_counts(scores, codes, NUM_CODES)
+                grouped[name], values[name] = grouped_counts(scores, codes, NUM_CODES, return_values=True)
 
         totals = next(iter(grouped.values())).sum(axis=0)
         if totals[CODE_ID] == 0 or totals[1:].sum() == 0:
@@ -322,6 +364,9 @@ class AnomalyEvaluator(DatasetEvaluator):
                 if self._output_dir:
                     curves[name][fam or "all"] = {**roc_pr_curves(pos, neg), **m}
 
+        extra = add_conventions(
+            results, states, names, subsets, grouped, values, use_hist, self._aggregation, self._components
+        )
         mode = "histogram" if use_hist else "exact"
         logger.info(
             "AnomalyEvaluator on %s (%s mode, %d pixels): %s",
@@ -333,6 +378,6 @@ class AnomalyEvaluator(DatasetEvaluator):
         if self._output_dir:
             heatmaps = [h for s in states for h in s["heatmaps"]][: self._num_heatmaps]
             write_anomaly_report(
-                self._output_dir, self._dataset_name, results, mode, totals, hists, curves, heatmaps
+                self._output_dir, self._dataset_name, results, mode, totals, hists, curves, heatmaps, extra
             )
         return OrderedDict({"anomaly": results})

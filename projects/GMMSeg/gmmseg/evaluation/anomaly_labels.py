@@ -13,13 +13,35 @@ from PIL import Image
 
 from .anomaly_ranking import VOID
 
-__all__ = ["CODE_ANOMALY", "CODE_ID", "FAMILIES", "NUM_CODES", "SUBSETS", "load_codes", "read_label_png"]
+__all__ = [
+    "CODE_ANOMALY",
+    "CODE_ID",
+    "FAMILIES",
+    "LABEL_MAPS",
+    "NUM_CODES",
+    "SUBSETS",
+    "load_codes",
+    "read_label_png",
+]
 
 # Pixel codes: one uint8 per pixel says in-distribution, anomaly, or anomaly of a given family.
 CODE_ID, CODE_ANOMALY = 0, 1
 FAMILIES = {"near": 1, "far": 2}  # values in ood_family PNGs; code = 1 + family
 NUM_CODES = 2 + len(FAMILIES)
 SUBSETS = {"": (1, 2, 3), **{name: (1 + value,) for name, value in FAMILIES.items()}}
+
+
+def _lost_and_found_lut() -> np.ndarray:
+    """LostAndFound gtCoarse label ids as the SMIYC benchmark reads them (``tracks.py``, DatasetLostAndFound:
+    0 ignore, 1 road = known, 2..200 obstacles = anomaly; anything else stays void)."""
+    lut = np.full(256, VOID, dtype=np.uint8)
+    lut[1] = 0
+    lut[2:201] = 1
+    return lut
+
+
+# ``input["ood_label_map"]`` names the conversion of a dataset's published label ids to 0 / 1 / 255
+LABEL_MAPS = {"lost_and_found": _lost_and_found_lut()}
 
 
 def read_label_png(path: str) -> np.ndarray:
@@ -43,6 +65,12 @@ def load_codes(input_: dict) -> tuple[np.ndarray, str, bool]:
         )
     path = input_["ood_file_name"]
     ood = read_label_png(path)
+    if input_.get("ood_label_map"):
+        if input_["ood_label_map"] not in LABEL_MAPS or ood.dtype != np.uint8:
+            raise ValueError(
+                f"{path}: cannot apply label map {input_['ood_label_map']!r} ({ood.dtype} labels)"
+            )
+        ood = LABEL_MAPS[input_["ood_label_map"]][ood]
     bad = (ood != 0) & (ood != 1) & (ood != VOID)
     if bad.any():
         raise ValueError(f"{path}: anomaly labels must be 0, 1 or 255, found {np.unique(ood[bad]).tolist()}")

@@ -49,11 +49,14 @@ def as_scores(scores: Any) -> np.ndarray:
     return s
 
 
-def grouped_counts(scores: np.ndarray, codes: np.ndarray, num_codes: int) -> np.ndarray:
+def grouped_counts(
+    scores: np.ndarray, codes: np.ndarray, num_codes: int, return_values: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """(G, num_codes) int64 pixel counts per distinct score value, highest score first.
 
     One argsort; group ids come from a cumulative sum over "value changed" flags and one ``bincount``
-    over ``group * K + code`` does the counting.
+    over ``group * K + code`` does the counting. ``return_values`` also returns the G score values (the
+    component metrics threshold at one of them).
     """
     order = np.argsort(scores)
     s = scores[order]
@@ -65,6 +68,10 @@ def grouped_counts(scores: np.ndarray, codes: np.ndarray, num_codes: int) -> np.
     key *= num_codes
     key += codes[order]
     counts = np.bincount(key, minlength=num_groups * num_codes).reshape(num_groups, num_codes)
+    if return_values:
+        first = np.ones(s.size, dtype=bool)
+        first[1:] = s[1:] != s[:-1]
+        return counts[::-1], s[first][::-1]
     return counts[::-1]
 
 

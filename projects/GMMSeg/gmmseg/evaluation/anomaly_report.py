@@ -32,11 +32,13 @@ def write_anomaly_report(
     hists: dict[str, ScoreHistogram],
     curves: dict[str, dict[str, dict[str, Any]]],
     heatmaps: Sequence[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write the report, one ROC / PR figure per score and one figure per heat-map record.
 
     ``totals``: pixels per code; ``hists``: the merged histograms (empty in exact mode); ``curves``:
-    ``{score: {family: roc_pr_curves(...) | metrics}}``.
+    ``{score: {family: roc_pr_curves(...) | metrics}}``; ``extra``: the aggregation and, if computed,
+    the component metrics' details (:func:`.anomaly_aggregation.add_conventions`).
     """
     PathManager.mkdirs(output_dir)
     report: dict[str, Any] = {
@@ -54,7 +56,15 @@ def write_anomaly_report(
             "FPR95": "smallest false-positive rate among thresholds whose true-positive rate >= 95%",
             "families": "near / far: that family's pixels against all in-distribution pixels",
             "bound_*": "histogram mode: |histogram metric - exact metric| <= bound (percent)",
+            "aggregation": "pooled: all non-void pixels of the split; per_image: mean over images that "
+            "hold both classes",
+            "sIoU": "mean over ground-truth components of |k ∩ P| / |(k ∪ P) minus other ground truth|, "
+            "P the predicted components touching k (SegmentMeIfYouCan)",
+            "PPV": "mean over predicted components of the share of their pixels on ground-truth anomalies",
+            "mean_F1": "F1 = 2TP / (2TP + FN + FP) of components (TP: sIoU >= t; FP: PPV < t), averaged "
+            "over t in linspace(0.25, 0.75, 11)",
         },
+        **(extra or {}),
     }
     if hists:
         report["histograms"] = {

@@ -7,7 +7,11 @@ from typing import Any, Iterable, Mapping
 
 __all__ = ["HEADER", "group_mean_iou", "results_rows", "markdown_table"]
 
-HEADER = ("model", "dataset", "mIoU", "ECE", "anomaly score", "AUROC", "AP", "FPR95")
+HEADER = (
+    "model", "dataset", "mIoU", "ECE", "anomaly score", "AUROC", "AP", "FPR95", "sIoU", "PPV", "mean F1"
+)  # fmt: skip
+# result keys of the anomaly columns (component metrics only per score, not per family)
+ANOMALY_METRICS = ("AUROC", "AP", "FPR95", "sIoU", "PPV", "mean_F1")
 
 
 def _fmt(value: Any) -> str:
@@ -27,7 +31,8 @@ def results_rows(model: str, per_dataset: Mapping[str, Mapping[str, Any]]) -> li
     """Rows of ``HEADER`` from ``{dataset: {"sem_seg": {...}, "anomaly": {"<score>[/<family>]/AUROC"...}}}``.
 
     One row per dataset and anomaly score (and per anomaly family, e.g. ``gmm (near)``); mIoU and ECE
-    repeat on each row of their dataset. Metrics are in percent, as the evaluators report them.
+    repeat on each row of their dataset; component metrics (sIoU, PPV, mean F1) where evaluated, else
+    "-". Metrics are in percent, as the evaluators report them.
     """
     rows = []
     for dataset, results in per_dataset.items():
@@ -36,22 +41,14 @@ def results_rows(model: str, per_dataset: Mapping[str, Mapping[str, Any]]) -> li
         scores: dict[str, dict[str, float]] = {}
         for key, value in anomaly.items():
             *name, metric = key.split("/")
-            if metric in ("AUROC", "AP", "FPR95") and len(name) in (1, 2):
+            if metric in ANOMALY_METRICS and len(name) in (1, 2):
                 label = name[0] if len(name) == 1 else f"{name[0]} ({name[1]})"
                 scores.setdefault(label, {})[metric] = value
         base = (model, dataset, _fmt(sem.get("mIoU")), _fmt(sem.get("ECE")))
         if not scores:
-            rows.append((*base, "-", "-", "-", "-"))
+            rows.append((*base, "-", *("-" for _ in ANOMALY_METRICS)))
         for label, metrics in scores.items():
-            rows.append(
-                (
-                    *base,
-                    label,
-                    _fmt(metrics.get("AUROC")),
-                    _fmt(metrics.get("AP")),
-                    _fmt(metrics.get("FPR95")),
-                )
-            )
+            rows.append((*base, label, *(_fmt(metrics.get(m)) for m in ANOMALY_METRICS)))
     return rows
 
 

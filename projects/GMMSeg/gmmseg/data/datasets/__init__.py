@@ -37,6 +37,10 @@ fail with bare ``assert`` messages (or silently use the intersection of images a
 metadata lack ``stuff_colors`` (ADE20K) or use the Cityscapes-specific evaluator; the names are therefore
 re-registered here.
 
+SegmentMeIfYouCan (``register_smiyc.py``: ``AnomalyTrack-validation``, ``ObstacleTrack-validation``,
+``LostAndFound-testNoKnown``, ``FishyLAFAnomaly-val``) keeps the benchmark's own layouts and roots
+(``$DIR_LAF``, ``$DIR_FISHY_LAF``, ``$DIR_DATASETS``, then ``$DETECTRON2_DATASETS``).
+
 The offline label conversions (``prepare_*``) are not part of this runtime package: they live in
 ``gmmseg_datasets``, behind the thin ``datasets/prepare_*.py`` scripts.
 """
@@ -49,12 +53,14 @@ from gmmseg.data.datasets.register_ade20k import ADE20K_SPLITS, register_ade20k
 from gmmseg.data.datasets.register_anomaly import ANOMALY_SPLITS, register_anomaly_datasets
 from gmmseg.data.datasets.register_cityscapes import CITYSCAPES_SPLITS, register_cityscapes
 from gmmseg.data.datasets.register_coco_stuff import COCO_STUFF_SPLITS, register_coco_stuff
+from gmmseg.data.datasets.register_smiyc import SMIYC_SPLITS, register_smiyc
 
 PUBLIC_DATASET_NAMES: tuple[str, ...] = (
     *CITYSCAPES_SPLITS,
     *ADE20K_SPLITS,
     *COCO_STUFF_SPLITS,
     *ANOMALY_SPLITS,
+    *SMIYC_SPLITS,
 )
 
 __all__ = [
@@ -64,6 +70,7 @@ __all__ = [
     "register_anomaly_datasets",
     "register_cityscapes",
     "register_coco_stuff",
+    "register_smiyc",
 ]
 
 
@@ -78,4 +85,5 @@ def register_all_public_datasets(root: str | os.PathLike | None = None) -> list[
         *register_ade20k(root),
         *register_coco_stuff(root),
         *register_anomaly_datasets(root),
+        *register_smiyc(root),
     ]
