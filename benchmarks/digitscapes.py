@@ -131,8 +131,12 @@ def run_variant(
 STUFF = ("sky", "water", "foliage", "building")
 DIGITS = tuple(f"digit {d}" for d in range(8))
 CLOSED_SET = ("mIoU", "stuff mIoU", "digit mIoU", "ECE")
-METRICS = CLOSED_SET + tuple(
-    f"{family}{metric}" for family in ("", "near/", "far/") for metric in ("AUROC", "AP", "FPR95")
+# pixel metrics of all anomalies and of each family, then SegmentMeIfYouCan's component metrics (all)
+COMPONENT_METRICS = ("sIoU", "PPV", "mean_F1")
+METRICS = (
+    CLOSED_SET
+    + tuple(f"{family}{metric}" for family in ("", "near/", "far/") for metric in ("AUROC", "AP", "FPR95"))
+    + COMPONENT_METRICS
 )
 
 
@@ -211,29 +215,30 @@ def sample_std(values: list[float]) -> float:
 
 def markdown(rows: list[dict], header: str) -> str:
     def f(row, key):
-        value = row[key]
+        value = row.get(key)
         if value is None:
             return "-"
         spread = row.get(f"{key}_std")
         return f"{value:.2f}" + ("" if spread is None else f" ± {spread:.2f}")
 
     def g(row, key):
-        return "-" if row[key] is None else f"{row[key]:.2f}"
+        return "-" if row.get(key) is None else f"{row[key]:.2f}"
 
     lines = [
         header,
         "",
         "| variant | val mIoU | stuff / digit mIoU | val ECE | score | AUROC | AP | FPR95 "
-        "| near AUROC / AP / FPR95 | far AUROC / AP / FPR95 |",
-        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| near AUROC / AP / FPR95 | far AUROC / AP / FPR95 | sIoU / PPV / mean F1 |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         near = " / ".join(g(r, f"near/{m}") for m in ("AUROC", "AP", "FPR95"))
         far = " / ".join(g(r, f"far/{m}") for m in ("AUROC", "AP", "FPR95"))
+        components = " / ".join(g(r, m) for m in COMPONENT_METRICS)
         groups = f"{g(r, 'stuff mIoU')} / {g(r, 'digit mIoU')}"
         lines.append(
             f"| {r['description']} | {f(r, 'mIoU')} | {groups} | {f(r, 'ECE')} | {r['score']} | "
-            f"{f(r, 'AUROC')} | {f(r, 'AP')} | {f(r, 'FPR95')} | {near} | {far} |"
+            f"{f(r, 'AUROC')} | {f(r, 'AP')} | {f(r, 'FPR95')} | {near} | {far} | {components} |"
         )
     return "\n".join(lines) + "\n"
 
