@@ -84,7 +84,7 @@ def test_digitscapes_benchmark_quick_runs_resumes_and_reports(tmp_path):
         ("softmax_posthoc_gmm", "gmm"),
     ]
     for row in rows:
-        for key in ("mIoU", "ECE", "AUROC", "AP", "FPR95", "near/AP", "far/FPR95"):
+        for key in ("mIoU", "ECE", "AUROC", "AP", "FPR95", "near/AP", "far/FPR95", "sIoU", "PPV", "mean_F1"):
             assert 0.0 <= row[key] <= 100.0, (row["variant"], key)
     assert (out / "results.png").stat().st_size > 0
     assert (out / "results.md").read_text().count("\n| ") == 6  # header, separator, 4 rows
