@@ -122,3 +122,8 @@ def add_gmmseg_config(cfg: CN) -> None:
     # metrics.json (tools/plot_gmm_diagnostics.py plots them). 0: off. A multiple of 20, the period at which
     # Detectron2 writes metrics.json (it keeps only each key's latest value).
     cfg.MODEL.GMM.DIAGNOSTICS_PERIOD = 0
+
+    # Mixed precision (SOLVER.AMP.ENABLED, gmmseg.compat.AnyDeviceAMPTrainer): the autocast dtype. "auto":
+    # float16 with a GradScaler on CUDA, bfloat16 on the CPU; "float16" | "bfloat16" force one. The GMM's
+    # log-likelihoods, E-step, memory and M-step run in float32 whatever it is (gmmseg.gmm.precision).
+    cfg.SOLVER.AMP.DTYPE = "auto"

@@ -364,3 +364,7 @@ def validate_gmmseg_config(cfg: CfgNode) -> None:
     check_rules(cfg, KEY_RULES)
     for rule in CROSS_KEY_RULES:
         rule(cfg)
+
+
+# Mixed precision (gmmseg.compat.AnyDeviceAMPTrainer)
+KEY_RULES.update({"SOLVER.AMP.ENABLED": BOOLEAN, "SOLVER.AMP.DTYPE": one_of("auto", "float16", "bfloat16")})
