@@ -16,18 +16,29 @@ to a Detectron2 that has the fix (checked against main's source, ``facebookresea
 - ``WarmupPolyLR``: DeepLab's schedule stores ``max_iters`` & co. in its state dict, so ``--resume`` with a
   larger ``SOLVER.MAX_ITER`` restores the old length and then fails with a math domain error once past it.
   Unchanged on main: still needed.
+- ``tracing_adapter``: v0.6's ``detectron2/export/__init__.py`` imports ``caffe2``, which PyTorch no
+  longer ships, so ``from detectron2.export import TracingAdapter`` fails. Fixed on main (commit d29378aa,
+  November 2021: "caffe2 is optional").
+- ``AnyDeviceAMPTrainer``: v0.6's ``AMPTrainer`` asserts CUDA and uses ``torch.cuda.amp`` (float16 only), so
+  ``SOLVER.AMP.ENABLED`` cannot train on the CPU. Main lets the dtype be chosen (commit 96c752ce, November
+  2022) but still asserts CUDA: still needed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
+import types
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from detectron2.engine import SimpleTrainer
 from detectron2.engine.launch import _find_free_port
 from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR as _DeepLabWarmupPolyLR
 from detectron2.solver.lr_scheduler import _get_warmup_factor_at_iter
@@ -35,7 +46,16 @@ from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["DEFAULT_TIMEOUT", "OptimizerStateInCheckpoints", "WarmupPolyLR", "launch", "wrap_distributed"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "AnyDeviceAMPTrainer",
+    "OptimizerStateInCheckpoints",
+    "WarmupPolyLR",
+    "amp_dtype",
+    "launch",
+    "tracing_adapter",
+    "wrap_distributed",
+]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -193,3 +213,78 @@ class WarmupPolyLR(_DeepLabWarmupPolyLR):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in self._CONFIG_FIELDS})
+
+
+def tracing_adapter() -> type[nn.Module]:
+    """Detectron2's ``TracingAdapter`` class. Where ``detectron2.export`` fails to import for want of
+    caffe2 (v0.6), its ``flatten`` module is loaded under a bare package that runs no ``__init__``; the bare
+    package is dropped again, so ``import detectron2.export`` behaves as before."""
+    try:
+        from detectron2.export import TracingAdapter
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("caffe2"):
+            raise
+    else:
+        return TracingAdapter
+    import detectron2
+
+    name = "detectron2.export"
+    package = types.ModuleType(name)
+    package.__path__ = [str(Path(detectron2.__file__).parent / "export")]
+    sys.modules[name] = package
+    try:
+        from detectron2.export.flatten import TracingAdapter
+    finally:
+        del sys.modules[name]
+    return TracingAdapter
+
+
+def amp_dtype(device: str, name: str = "auto") -> torch.dtype:
+    """The autocast dtype ``SOLVER.AMP.DTYPE`` names on ``device`` ("auto": float16 on CUDA, bfloat16
+    elsewhere, where float16 kernels are few and slow)."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+class AnyDeviceAMPTrainer(SimpleTrainer):
+    """v0.6's ``AMPTrainer`` on the model's device: ``torch.autocast(device_type, dtype)``, with a
+    ``GradScaler`` for float16 only (bfloat16 has float32's exponent range: gradients do not underflow).
+    Its ``state_dict`` holds ``grad_scaler`` as v0.6's does (empty when the scaler is off)."""
+
+    def __init__(
+        self, model: nn.Module, data_loader, optimizer, *, device_type: str, dtype: torch.dtype
+    ) -> None:
+        super().__init__(model, data_loader, optimizer)
+        self.device_type = device_type
+        self.dtype = dtype
+        self.grad_scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+
+    def run_step(self) -> None:
+        assert self.model.training, "[AnyDeviceAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses = loss_dict
+                loss_dict = {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        scaler_state = state_dict.get("grad_scaler")
+        if scaler_state:  # absent or empty: saved without AMP or with the scaler off
+            self.grad_scaler.load_state_dict(scaler_state)

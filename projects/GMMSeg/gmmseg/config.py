@@ -162,3 +162,7 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.TEST.ANOMALY_COMPONENTS.MIN_PRED_SIZE = -1
     cfg.TEST.ANOMALY_COMPONENTS.MIN_GT_SIZE = -1
     cfg.TEST.ANOMALY_COMPONENTS.THRESHOLD = None
+    # Mixed precision (SOLVER.AMP.ENABLED, gmmseg.compat.AnyDeviceAMPTrainer): the autocast dtype. "auto":
+    # float16 with a GradScaler on CUDA, bfloat16 on the CPU; "float16" | "bfloat16" force one. The GMM's
+    # log-likelihoods, E-step, memory and M-step run in float32 whatever it is (gmmseg.gmm.precision).
+    cfg.SOLVER.AMP.DTYPE = "auto"

@@ -132,6 +132,18 @@ KEY_RULES: dict[str, Rule] = {
     "TEST.MAHALANOBIS_STATS": existing_file("fit_mahalanobis.py"),
     "TEST.POSTHOC_GMM": existing_file("fit_posthoc_gmm.py"),
     "TEST.ANOMALY_EVAL_MODE": one_of("auto", "exact", "histogram"),
+    # anomaly evaluation conventions (gmmseg.evaluation.anomaly_aggregation, anomaly_components)
+    "TEST.ANOMALY_AGGREGATION": one_of("pooled", "per_image"),
+    "TEST.ANOMALY_COMPONENTS.ENABLED": BOOLEAN,
+    "TEST.ANOMALY_COMPONENTS.MIN_PRED_SIZE": integer(-1, "-1: the dataset's default"),
+    "TEST.ANOMALY_COMPONENTS.MIN_GT_SIZE": integer(-1, "-1: the dataset's default"),
+    "TEST.ANOMALY_COMPONENTS.THRESHOLD": Rule(
+        lambda v: v is None or (type(v) in (int, float) and math.isfinite(v)),
+        "None (the best-F1 point of the pixel curve) or a finite number",
+    ),
+    # mixed precision (gmmseg.compat.AnyDeviceAMPTrainer)
+    "SOLVER.AMP.ENABLED": BOOLEAN,
+    "SOLVER.AMP.DTYPE": one_of("auto", "float16", "bfloat16"),
     "TEST.ANOMALY_MAX_EXACT_PIXELS": integer(1),
     "TEST.ANOMALY_NUM_BINS": integer(2),
     "TEST.SLIDING_WINDOW.SIZE": HEIGHT_WIDTH,
@@ -370,18 +382,3 @@ def validate_gmmseg_config(cfg: CfgNode) -> None:
     check_rules(cfg, KEY_RULES)
     for rule in CROSS_KEY_RULES:
         rule(cfg)
-
-
-# Anomaly evaluation conventions (gmmseg.evaluation.anomaly_aggregation, anomaly_components).
-KEY_RULES.update(
-    {
-        "TEST.ANOMALY_AGGREGATION": one_of("pooled", "per_image"),
-        "TEST.ANOMALY_COMPONENTS.ENABLED": BOOLEAN,
-        "TEST.ANOMALY_COMPONENTS.MIN_PRED_SIZE": integer(-1, "-1: the dataset's default"),
-        "TEST.ANOMALY_COMPONENTS.MIN_GT_SIZE": integer(-1, "-1: the dataset's default"),
-        "TEST.ANOMALY_COMPONENTS.THRESHOLD": Rule(
-            lambda v: v is None or (type(v) in (int, float) and math.isfinite(v)),
-            "None (the best-F1 point of the pixel curve) or a finite number",
-        ),
-    }
-)

@@ -18,13 +18,13 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
-from gmmseg.compat import OptimizerStateInCheckpoints, wrap_distributed
+from gmmseg.compat import AnyDeviceAMPTrainer, OptimizerStateInCheckpoints, amp_dtype, wrap_distributed
 from gmmseg.config_validation import MASK_FORMER_ARCHITECTURES, RESUMABLE_TRAIN_SAMPLERS
 from gmmseg.data.class_balanced_sampler import ClassBalancedTrainingSampler, class_image_index_for_datasets
 from gmmseg.data.dataset_mapper import SemanticDatasetMapper, TrainLabelsMapper
@@ -54,7 +54,9 @@ class GMMSegTrainer(OptimizerStateInCheckpoints, DefaultTrainer):
     checkpoints keep the optimizer state (``gmmseg.compat.OptimizerStateInCheckpoints``).
 
     ``__init__`` is DefaultTrainer's, except for the DDP wrapper (``gmmseg.compat.wrap_distributed``):
-    Detectron2 v0.6 always passes ``device_ids``, which DDP rejects for CPU models.
+    Detectron2 v0.6 always passes ``device_ids``, which DDP rejects for CPU models; and for
+    ``SOLVER.AMP.ENABLED``, whose trainer (``gmmseg.compat.AnyDeviceAMPTrainer``) also runs on the CPU
+    (bfloat16 autocast).
     """
 
     def __init__(self, cfg: CfgNode) -> None:
@@ -66,8 +68,17 @@ class GMMSegTrainer(OptimizerStateInCheckpoints, DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = wrap_distributed(model, cfg.MODEL.DEVICE)
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
+        if cfg.SOLVER.AMP.ENABLED:  # v0.6's AMPTrainer is CUDA-only (gmmseg.compat)
+            device = cfg.MODEL.DEVICE
+            self._trainer = AnyDeviceAMPTrainer(
+                model,
+                data_loader,
+                optimizer,
+                device_type=torch.device(device).type,
+                dtype=amp_dtype(device, cfg.SOLVER.AMP.DTYPE),
+            )
+        else:
+            self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0

@@ -6,6 +6,7 @@ from .em import GMMFit, e_step, fit_gmm, kmeans_plusplus, m_step, m_step_from_st
 from .gaussian import diag_gaussian_log_prob
 from .memory import FeatureMemory, gather_from_all_processes, linspace_indices
 from .online_em import EMBatch, EStep, OnlineGMM
+from .precision import autocast_active, float32_region
 from .sinkhorn import normalize_by_max_abs, sinkhorn
 
 __all__ = [
@@ -18,7 +19,9 @@ __all__ = [
     "OnlineGMM",
     "diag_gaussian_log_prob",
     "e_step",
+    "autocast_active",
     "fit_gmm",
+    "float32_region",
     "gather_from_all_processes",
     "kmeans_plusplus",
     "linspace_indices",

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gaussian import diag_gaussian_log_prob
+from .precision import float32_region
 
 __all__ = ["GaussianMixtureClassifier", "unfitted_std"]
 
@@ -97,6 +98,7 @@ class GaussianMixtureClassifier(nn.Module):
             return F.normalize(self.means, dim=-1), self.stds.clamp_min(self.min_std)
         return self.means.detach(), self.stds.detach()
 
+    @float32_region
     def component_log_prob(self, x: Tensor) -> Tensor:
         """``log N(x | mu_ck, diag(s_ck^2))`` for ``x`` (..., D): ``(..., C, K)``."""
         lead = x.shape[:-1]
@@ -106,8 +108,10 @@ class GaussianMixtureClassifier(nn.Module):
         )
         return flat.view(*lead, self.num_classes, self.num_components)
 
+    @float32_region
     def class_log_prob(self, x: Tensor, component_log_prob: Tensor | None = None) -> Tensor:
-        """Class scores ``(..., C)`` (wta or mixture); pass ``component_log_prob`` to reuse it."""
+        """Class scores ``(..., C)`` (wta or mixture); pass ``component_log_prob`` to reuse it. Both are
+        float32 (or float64 for float64 input) under autocast too: ``gmm.precision``."""
         comp = self.component_log_prob(x) if component_log_prob is None else component_log_prob
         if self.score == "wta":
             return comp.amax(dim=-1)

@@ -19,11 +19,13 @@ from torch import Tensor
 
 from .gaussian import compute_dtype, diag_gaussian_log_prob
 from .memory import FeatureMemory
+from .precision import float32_region
 from .sinkhorn import sinkhorn
 
 __all__ = ["e_step", "m_step", "m_step_from_statistics", "fit_gmm", "GMMFit", "kmeans_plusplus"]
 
 
+@float32_region
 @torch.no_grad()
 def e_step(
     log_probs: Tensor,
@@ -95,6 +97,7 @@ def e_step(
     return resp, assignment
 
 
+@float32_region
 @torch.no_grad()
 def m_step_from_statistics(
     sums: Tensor,
@@ -137,6 +140,7 @@ def m_step_from_statistics(
     return out_means, out_stds
 
 
+@float32_region
 @torch.no_grad()
 def m_step(
     memory: FeatureMemory,
@@ -188,6 +192,7 @@ def _sq_dists(x: Tensor, centers: Tensor) -> Tensor:
     return d.clamp_min_(0.0)
 
 
+@float32_region
 @torch.no_grad()
 def kmeans_plusplus(
     x: Tensor, k: int, *, generator: torch.Generator | None = None, n_iters: int = 10
@@ -217,6 +222,7 @@ def kmeans_plusplus(
     return c, labels
 
 
+@float32_region
 @torch.no_grad()
 def fit_gmm(
     features: Tensor,

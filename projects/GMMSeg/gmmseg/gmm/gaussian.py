@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from .precision import float32_region
+
 __all__ = ["diag_gaussian_log_prob", "compute_dtype"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -31,6 +33,7 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
+@float32_region
 def diag_gaussian_log_prob(
     x: Tensor,
     means: Tensor,
@@ -72,7 +75,8 @@ def diag_gaussian_log_prob(
     w_lin = lin.t()  # (D, M)
 
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or means.requires_grad or stds.requires_grad)
-    if needs_grad:
+    # a traced graph (export) must not bake in the chunk loop of the input it was traced with
+    if needs_grad or torch.jit.is_tracing():
         xc = x - centre_vec
         out = torch.addmm(bias, xc.square(), w_sq)
         out = torch.addmm(out, xc, w_lin)

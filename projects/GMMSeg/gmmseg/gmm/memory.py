@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .precision import float32_region
+
 __all__ = ["FeatureMemory", "gather_from_all_processes", "linspace_indices"]
 
 
@@ -157,6 +159,7 @@ class FeatureMemory(nn.Module):
         for buf in (self.features, self.ptr, self.count, self.sums, self.sq_sums):
             buf.zero_()
 
+    @float32_region
     @torch.no_grad()
     def fill_random(self, generator: torch.Generator | None = None, max_chunk_bytes: int = 1 << 26) -> None:
         """Start as the reference does: every slot of every queue a random unit vector, all of them counted.
@@ -196,6 +199,7 @@ class FeatureMemory(nn.Module):
         slots = torch.arange(self.capacity, device=self.count.device)
         return slots < self.count[..., None]
 
+    @float32_region
     @torch.no_grad()
     def enqueue(
         self,
@@ -281,6 +285,7 @@ class FeatureMemory(nn.Module):
         self.count.copy_((self.count + take2).clamp(max=cap))
         return total
 
+    @float32_region
     @torch.no_grad()
     def compute_statistics(self, max_chunk_bytes: int = 1 << 24) -> Tuple[Tensor, Tensor]:
         """Sums and sums of squares of the stored features, recomputed from the buffer in float64.

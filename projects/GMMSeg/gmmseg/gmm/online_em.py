@@ -22,6 +22,7 @@ from torch import Tensor
 from .classifier import GaussianMixtureClassifier
 from .em import e_step, m_step
 from .memory import FeatureMemory
+from .precision import float32_region
 
 __all__ = ["EMBatch", "EStep", "OnlineGMM"]
 
@@ -155,6 +156,7 @@ class OnlineGMM:
         self.seen = torch.zeros(classifier.num_classes, dtype=torch.bool, device=device)
         self._generator = torch.Generator(device="cpu").manual_seed(0) if sampling == "random" else None
 
+    @float32_region
     @torch.no_grad()
     def observe(
         self, embeddings: Tensor, labels: Tensor, correct: Tensor, assignment: Tensor | None = None
@@ -185,6 +187,7 @@ class OnlineGMM:
         """Whether the M-step runs after training step number ``step`` (counted from 1)."""
         return step % self.interval == 0
 
+    @float32_region
     @torch.no_grad()
     def maximise(self) -> float:
         """M-step for the classes marked since the last one (``seen``), written into the classifier;

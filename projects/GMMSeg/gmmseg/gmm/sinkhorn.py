@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .precision import float32_region
+
 __all__ = ["sinkhorn", "normalize_by_max_abs"]
 
 
@@ -42,6 +44,7 @@ def _segment_logsumexp(z: Tensor, groups: Tensor, num_groups: int) -> Tensor:
     return gmax + total.log()
 
 
+@float32_region
 def normalize_by_max_abs(
     logits: Tensor, groups: Tensor | None = None, num_groups: int | None = None
 ) -> Tensor:
@@ -63,6 +66,7 @@ def normalize_by_max_abs(
     return logits / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
 
 
+@float32_region
 def sinkhorn(
     logits: Tensor,
     epsilon: float = 0.05,

@@ -23,7 +23,7 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.projects.deeplab.loss import DeepLabCE
 from torch import Tensor, nn
 
-from gmmseg.gmm import EMBatch, EStep, GaussianMixtureClassifier, unfitted_std
+from gmmseg.gmm import EMBatch, EStep, GaussianMixtureClassifier, float32_region, unfitted_std
 
 __all__ = ["GMMPredictor", "GMMPredictorBase", "QueryGMMPredictor"]
 
@@ -40,6 +40,7 @@ class GMMPredictorBase(nn.Module):
     """
 
     em_observer: Callable[[EMBatch], None] | None
+    feature_norm: nn.Module  # the subclass's LayerNorm of the projected features (``normalise``)
 
     def __init__(
         self,
@@ -104,9 +105,17 @@ class GMMPredictorBase(nn.Module):
             "initial_std": unfitted_std(gmm.EMBED_DIM, gmm.VAR_FLOOR),
         }
 
+    @float32_region
+    def normalise(self, projected: Tensor) -> Tensor:
+        """(..., D) projected features -> unit-length embeddings (LayerNorm, then L2), in float32 even
+        under autocast: the log-likelihoods are only as precise as the embeddings."""
+        return F.normalize(self.feature_norm(projected.float()), dim=-1)
+
+    @float32_region
     def score(self, embeddings: Tensor) -> dict[str, Tensor]:
         """For (..., D) embeddings: component log-likelihoods (..., C, K), class scores ``log p(x|c)``
-        (..., C) and the normalised class scores (..., C) whose softmax is the posterior."""
+        (..., C) and the normalised class scores (..., C) whose softmax is the posterior; all float32 under
+        autocast too (``gmmseg.gmm.precision``)."""
         component = self.gmm.component_log_prob(embeddings)
         class_scores = self.gmm.class_log_prob(embeddings, component)
         return {
@@ -205,8 +214,7 @@ class GMMPredictor(GMMPredictorBase):
 
     def embed(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, H, W, D) unit-length embeddings."""
-        e = self.projection(x).permute(0, 2, 3, 1)
-        return F.normalize(self.feature_norm(e), dim=-1)
+        return self.normalise(self.projection(x).permute(0, 2, 3, 1))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Embeddings (N, H, W, D), component log-likelihoods (N, H, W, C, K), class scores
@@ -324,7 +332,7 @@ class QueryGMMPredictor(GMMPredictorBase):
     def forward(self, queries: Tensor) -> dict[str, Tensor]:
         """For (B, Q, hidden_dim) decoder outputs: embeddings (B, Q, D), component log-likelihoods
         (B, Q, C+1, K), class scores (B, Q, C+1) and logits (B, Q, C+1), no-object last."""
-        return self.score(F.normalize(self.feature_norm(self.projection(queries)), dim=-1))
+        return self.score(self.normalise(self.projection(queries)))
 
     def object_log_prob(self, outputs: dict[str, Tensor]) -> Tensor:
         """(B, Q) ``max_c log p(q | c)`` over the real classes (no-object excluded)."""
