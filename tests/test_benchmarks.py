@@ -308,3 +308,30 @@ def test_convergence_takes_the_short_runs_from_a_recorded_table_only_at_their_sc
     path.write_text(json.dumps({"iters": 3000, "quick": False, "rows": rows[1:]}))
     with pytest.raises(SystemExit, match="no row for softmax"):
         conv.recorded_miou(path, 3000)
+
+
+def test_device_check_reads_a_run_and_flags_non_finite_losses(tmp_path):
+    """``device_check.py``'s row of one training run: median step time from ``metrics.json``, the final
+    metrics of the chosen score, and a NaN or inf in any logged loss turning ``finite_losses`` off."""
+    device_check = _load("device_check")
+    out = tmp_path / "gmmseg_amp1"
+    (out / "inference").mkdir(parents=True)
+    logged = [
+        {"iteration": 0, "time": 0.5, "total_loss": 2.0, "loss_sem_seg": 1.9},
+        {"iteration": 1, "time": 0.3, "total_loss": 1.5, "loss_sem_seg": 1.4},
+        {"iteration": 2, "time": 0.4, "total_loss": 1.2, "loss_sem_seg": 1.1},
+    ]
+    (out / "metrics.json").write_text("\n".join(json.dumps(e) for e in logged) + "\n")
+    final = {
+        "digitscapes_val": {"sem_seg": {"mIoU": 42.0, "ECE": 1.5}},
+        "digitscapes_anomaly_val": {"anomaly": {"gmm/AUROC": 80.0, "gmm/AP": 20.0, "gmm/FPR95": 50.0}},
+    }
+    (out / "inference" / "metrics.json").write_text(json.dumps(final))
+    row = device_check.training_row("gmmseg", True, out, 12.0, "gmm")
+    assert row["s_per_iter"] == 0.4 and row["mIoU"] == 42.0 and row["AUROC"] == 80.0
+    assert row["finite_losses"] and row["logged_losses"] == 6
+    table = device_check.training_table([row], "test device", 3)
+    assert "| gmmseg | on | 12 | 0.4000 | 42.00 | 1.50 | gmm | 80.00 | 20.00 | 50.00 | yes (6) |" in table
+    logged[1]["loss_sem_seg"] = float("nan")
+    (out / "metrics.json").write_text("\n".join(json.dumps(e) for e in logged) + "\n")
+    assert not device_check.training_row("gmmseg", True, out, 12.0, "gmm")["finite_losses"]
