@@ -5,24 +5,25 @@ and the validation of MODEL.HRNET.*."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import timm
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import FrozenBatchNorm2d
+from head_testing import (
+    REPO,
+    assert_converted_features,
+    assert_invalid,
+    cfg_without_datasets,
+    load_tool,
+    parameter_count,
+)
 from hrnet_reference import ReferenceHRNet
 from timm.models.hrnet import cfg_cls
 from torch import nn
 
-from gmmseg import load_cfg, validate_gmmseg_config
-from gmmseg.config_validation import ConfigValueError
 from gmmseg.modeling import D2HRNet
 from gmmseg.modeling.backbone.hrnet import HRNET_VARIANTS, hrnet_channels
 
-REPO = Path(__file__).resolve().parent.parent
 NAMES, STRIDES = ("res2", "res3", "res4", "res5"), (4, 8, 16, 32)
 HEAD = ("incre_modules", "downsamp_modules", "final_layer", "classifier")  # the classification head
 # Published parameter counts, in millions. ImageNet classification models (HRNet-Image-Classification
@@ -34,15 +35,7 @@ PUBLISHED_HRNETV2_W48_CITYSCAPES = 65.9
 
 
 def _converter():
-    path = REPO / "tools" / "convert_hrnet_weights.py"
-    spec = importlib.util.spec_from_file_location("convert_hrnet_weights", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return load_tool("convert_hrnet_weights")
 
 
 def _reference(variant: str) -> ReferenceHRNet:
@@ -80,16 +73,16 @@ def test_parameter_counts_match_the_published_ones(variant):
     ReLU on the 720 concatenated channels, then a 19-class 1x1 classifier) is 65.86M, 0.07% from 65.9M."""
     with torch.device("meta"):
         ours, reference = D2HRNet(variant=variant), _reference(variant)
-    head = sum(_count(getattr(reference, name)) for name in HEAD)
+    head = sum(parameter_count(getattr(reference, name)) for name in HEAD)
     backbone_names = {k for k in reference.state_dict() if not k.startswith(HEAD)}
     assert set(ours.state_dict()) == backbone_names
-    assert _count(ours) == _count(reference) - head
+    assert parameter_count(ours) == parameter_count(reference) - head
     published = PUBLISHED_CLASSIFICATION[variant]
-    assert abs((_count(ours) + head) / 1e6 - published) < 0.01 * published
+    assert abs((parameter_count(ours) + head) / 1e6 - published) < 0.01 * published
     if variant == "W48":
         c = sum(hrnet_channels("W48"))
         hrnetv2_head = (c * c + c) + 2 * c + (c * 19 + 19)  # conv (bias), BN, classifier
-        total = (_count(ours) + hrnetv2_head) / 1e6
+        total = (parameter_count(ours) + hrnetv2_head) / 1e6
         assert abs(total - PUBLISHED_HRNETV2_W48_CITYSCAPES) < 0.01 * PUBLISHED_HRNETV2_W48_CITYSCAPES
 
 
@@ -116,19 +109,8 @@ def test_converted_weights_give_the_official_features(variant, tmp_path):
     args = [str(tmp_path / "hrnet_official.pth"), str(tmp_path / "hrnet_d2.pth"), "--variant", variant]
     assert convert.main(args) == 0
 
-    model = nn.Module()
-    model.backbone = D2HRNet(variant=variant).double().eval()
-    with torch.no_grad():
-        for param in model.backbone.parameters():
-            param.fill_(float("nan"))  # anything the checkpoint does not set stays NaN
-    DetectionCheckpointer(model).load(str(tmp_path / "hrnet_d2.pth"))
-    x = torch.randn(2, 3, 64, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ours = model.backbone(x)
-        expected = reference(x)
-    for got, want in zip(ours.values(), expected):
-        assert got.shape == want.shape and torch.isfinite(got).all()
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    backbone = D2HRNet(variant=variant).double().eval()
+    x, ours = assert_converted_features(backbone, tmp_path / "hrnet_d2.pth", reference)
     reference.stage4[-1].relu = nn.Identity()
     with torch.no_grad():
         assert (reference(x)[0] - ours["res2"]).abs().max() > 1e-3
@@ -183,7 +165,4 @@ def test_norms():
 )
 def test_invalid_values_name_the_key(opts, key):
     path = REPO / "configs" / "digitscapes" / "ocrnet_HRNetW18_softmax.yaml"
-    cfg = load_cfg(path, ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", *opts])
-    with pytest.raises(ConfigValueError) as info:
-        validate_gmmseg_config(cfg)
-    assert info.value.key == key
+    assert_invalid(cfg_without_datasets(path, *opts), key)

@@ -6,33 +6,29 @@ validate and bad values name their key."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_folder_dataset
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
+from head_testing import (
+    REPO,
+    assert_invalid,
+    assert_posteriors,
+    batch,
+    digitscapes_cfg,
+    train_gmm_briefly,
+    validated_cfg,
+)
 from torch import nn
 
 from gmmseg import load_cfg, validate_gmmseg_config
-from gmmseg.config_validation import ConfigValueError
-from gmmseg.data.folder_dataset import register_folder_dataset
-from gmmseg.engine import GMMSegTrainer
 from gmmseg.modeling import D2HRNet, GMMHead, OCRHead, convert_head_to_gmm
 from gmmseg.modeling.gmm_head import DecoderTap, pop_auxiliary_losses
 from gmmseg.modeling.ocr_head import ObjectAttention, spatial_gather
 from gmmseg.solver import build_lr_scheduler
 
-REPO = Path(__file__).resolve().parent.parent
-DIGITSCAPES = REPO / "configs" / "digitscapes"
-NUM_CLASSES = 12
 SHAPES = {name: ShapeSpec(channels=c, stride=s) for name, c, s in zip(("res2", "res3"), (8, 16), (4, 8))}
-
-
-def _cfg(config: str, *opts):
-    return load_cfg(DIGITSCAPES / config, ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", *opts])
 
 
 def _head(**kwargs) -> OCRHead:
@@ -108,7 +104,7 @@ def test_head_rejects_a_wrong_stride():
 def test_gmm_conversion_keeps_the_auxiliary_loss():
     """MODEL.GMM.ENABLED: the final classifier becomes the tap and the GMM predictor; the auxiliary
     classifier stays a softmax classifier, and its loss is in the GMM head's losses (and trains it)."""
-    cfg = _cfg("ocrnet_HRNetW18_gmmseg.yaml", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5)
+    cfg = digitscapes_cfg("ocrnet_HRNetW18_gmmseg.yaml", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5)
     torch.manual_seed(0)
     head = convert_head_to_gmm(_head(), cfg).train()
     assert isinstance(head, GMMHead) and isinstance(head, OCRHead) and type(head).__name__ == "GMMOCRHead"
@@ -142,7 +138,7 @@ class _AuxiliaryHead(nn.Module):
 def test_auxiliary_losses_hook_is_general():
     """The GMM head adds whatever a head stored in ``auxiliary_losses``, hands it over once, and refuses
     a name that would overwrite one of its own losses."""
-    cfg = _cfg("ocrnet_HRNetW18_gmmseg.yaml", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5)
+    cfg = digitscapes_cfg("ocrnet_HRNetW18_gmmseg.yaml", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 5)
     features, targets = {"res2": torch.randn(2, 4, 6, 6)}, torch.randint(0, 5, (2, 6, 6))
     head = convert_head_to_gmm(_AuxiliaryHead("loss_mine"), cfg).train()
     _, losses = head(features, targets)
@@ -153,22 +149,11 @@ def test_auxiliary_losses_hook_is_general():
         clashing(features, targets)
 
 
-def _batch(n: int = 2, size: int = 64, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "image": torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8),
-            "sem_seg": torch.randint(0, NUM_CLASSES, (size, size), generator=g),
-        }
-        for _ in range(n)
-    ]
-
-
 @pytest.mark.parametrize("config", ["ocrnet_HRNetW18_softmax.yaml", "ocrnet_HRNetW18_gmmseg.yaml"])
 def test_digitscapes_ocrnet_trains_and_infers(config):
     """The DigitScapes pair builds from its config; a training step gives the auxiliary loss in both modes
     and finite gradients; inference gives posteriors summing to 1 (and, for GMMSeg, the anomaly map)."""
-    cfg = _cfg(config)
+    cfg = digitscapes_cfg(config)
     validate_gmmseg_config(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -176,21 +161,14 @@ def test_digitscapes_ocrnet_trains_and_infers(config):
     assert isinstance(model.backbone, D2HRNet) and isinstance(head, OCRHead)
     assert type(head).__name__ == ("GMMOCRHead" if gmm else "OCRHead")
     model.train()
-    losses = model(_batch())
+    losses = model(batch())
     expected = {"loss_sem_seg", "loss_ocr_aux"} | ({"loss_gmm_component"} if gmm else set())
     assert set(losses) == expected and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert model.backbone.conv1.weight.grad.abs().sum() > 0
     assert head.aux_predictor.weight.grad.abs().sum() > 0
     model.eval()
-    image = torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)
-    with torch.no_grad():
-        (out,) = model([{"image": image, "height": 70, "width": 90}])
-    assert out["sem_seg"].shape == (NUM_CLASSES, 70, 90)
-    torch.testing.assert_close(out["sem_seg"].sum(0), torch.ones(70, 90))
-    assert ("anomaly" in out) == gmm
-    if gmm:
-        assert out["anomaly"].shape == (70, 90) and torch.isfinite(out["anomaly"]).all()
+    assert_posteriors(model, torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8), gmm)
 
 
 @pytest.mark.parametrize(
@@ -203,17 +181,13 @@ def test_digitscapes_ocrnet_trains_and_infers(config):
     ],
 )
 def test_invalid_values_name_the_key(opts, key):
-    cfg = _cfg("ocrnet_HRNetW18_softmax.yaml", *opts)
-    with pytest.raises(ConfigValueError) as info:
-        validate_gmmseg_config(cfg)
-    assert info.value.key == key
+    assert_invalid(digitscapes_cfg("ocrnet_HRNetW18_softmax.yaml", *opts), key)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*ocrnet_*.yaml")), ids=lambda p: p.name)
 def test_ocrnet_configs_validate(path):
     """Every OCRNet config loads and validates (the models are built in test_configs.py)."""
-    cfg = load_cfg(path, ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
-    validate_gmmseg_config(cfg)
+    cfg = validated_cfg(path)
     assert (cfg.MODEL.BACKBONE.NAME, cfg.MODEL.SEM_SEG_HEAD.NAME) == ("D2HRNet", "OCRHead")
     digitscapes = "digitscapes" in path.parts
     assert cfg.MODEL.HRNET.VARIANT == ("W18_SMALL" if digitscapes else "W48")
@@ -224,23 +198,7 @@ def test_ocrnet_configs_validate(path):
 def test_gmm_ocrnet_trains_with_the_trainer(tmp_path, unique_name):
     """A few iterations of GMMSegTrainer on the GMMSeg pair by the one key: the M-step moves the means and
     the checkpoint holds the mixtures, the auxiliary classifier and the HRNet."""
-    dataset = write_folder_dataset(tmp_path, unique_name, {"train": 4}, size=(32, 64), num_classes=3)
-    register_folder_dataset(dataset)
-    cfg = _cfg("ocrnet_HRNetW18_gmmseg.yaml")
-    cfg.merge_from_list(
-        ["DATASETS.TRAIN", (f"{unique_name}_train",), "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 3]
-        + ["SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 3, "SOLVER.WARMUP_ITERS", 1]
-        + ["SOLVER.CHECKPOINT_PERIOD", 100, "INPUT.MIN_SIZE_TRAIN", (32,)]
-        + ["MODEL.GMM.UPDATE_INTERVAL", 2, "MODEL.GMM.MEMORY_CAPACITY", 50]
-        + ["MODEL.GMM.ENQUEUE_CORRECT_ONLY", False, "OUTPUT_DIR", str(tmp_path / "out")]
-    )
-    validate_gmmseg_config(cfg)
-    trainer = GMMSegTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    means = trainer.model.sem_seg_head.gmm_predictor.gmm.means.clone()
-    trainer.train()
-    assert not torch.equal(trainer.model.sem_seg_head.gmm_predictor.gmm.means, means)
-    checkpoint = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)["model"]
+    _, checkpoint = train_gmm_briefly(tmp_path, unique_name, "ocrnet_HRNetW18_gmmseg.yaml")
     expected = ("gmm_predictor.gmm.means", "aux_predictor.weight", "object_context.query.0.weight")
     assert all(f"sem_seg_head.{name}" in checkpoint for name in expected)
     assert "sem_seg_head.predictor.weight" not in checkpoint

@@ -17,6 +17,19 @@ def _public_datasets() -> None:
     register_all_public_datasets()
 
 
+def _assert_segformer_adamw(solver) -> None:
+    """SegFormer's AdamW schedule, which mmsegmentation's UperNet-Swin configs use too: lr 6e-5, weight
+    decay 0.01 (none on norms), poly decay of power 1 after a linear warm-up of 1500 iterations."""
+    assert (solver.OPTIMIZER, solver.BASE_LR, solver.WEIGHT_DECAY, solver.WEIGHT_DECAY_NORM) == (
+        "ADAMW",
+        6e-5,
+        0.01,
+        0.0,
+    )
+    assert (solver.LR_SCHEDULER_NAME, solver.POLY_LR_POWER) == ("WarmupPolyLR", 1.0)
+    assert (solver.WARMUP_METHOD, solver.WARMUP_ITERS, solver.WARMUP_FACTOR) == ("linear", 1500, 1e-6)
+
+
 @pytest.mark.parametrize("path", SEGFORMER_PAPER_LEAFS, ids=_id)
 def test_paper_segformer_settings(path):
     """The GMMSeg authors' SegFormer-B5 Cityscapes run (segformer_mit-b5_gmmseg_768x768_80k_cityscapes) with
@@ -35,15 +48,8 @@ def test_paper_segformer_settings(path):
     assert (cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING) == ((512, 2048), "range")
     assert cfg.INPUT.COLOR_AUG_SSD and cfg.INPUT.RANDOM_FLIP == "horizontal"
     solver = cfg.SOLVER
-    assert (solver.OPTIMIZER, solver.BASE_LR, solver.WEIGHT_DECAY, solver.WEIGHT_DECAY_NORM) == (
-        "ADAMW",
-        6e-5,
-        0.01,
-        0.0,
-    )
+    _assert_segformer_adamw(solver)
     assert solver.HEAD_MULTIPLIER == 10 and solver.BACKBONE_MULTIPLIER == 1
-    assert (solver.LR_SCHEDULER_NAME, solver.POLY_LR_POWER) == ("WarmupPolyLR", 1.0)
-    assert (solver.WARMUP_METHOD, solver.WARMUP_ITERS, solver.WARMUP_FACTOR) == ("linear", 1500, 1e-6)
     assert (solver.IMS_PER_BATCH, solver.MAX_ITER) == (16, 80000)
     window = cfg.TEST.SLIDING_WINDOW
     assert window.ENABLED and (list(window.SIZE), list(window.STRIDE)) == ([768, 768], [512, 512])
@@ -90,15 +96,8 @@ def test_paper_upernet_settings(path):
     assert cfg.INPUT.COLOR_AUG_SSD and cfg.INPUT.RANDOM_FLIP == "horizontal"
     assert cfg.INPUT.MIN_SIZE_TEST == upernet["test"]
     solver = cfg.SOLVER
-    assert (solver.OPTIMIZER, solver.BASE_LR, solver.WEIGHT_DECAY, solver.WEIGHT_DECAY_NORM) == (
-        "ADAMW",
-        6e-5,
-        0.01,
-        0.0,
-    )
+    _assert_segformer_adamw(solver)
     assert solver.WEIGHT_DECAY_EMBED == 0.0 and solver.HEAD_MULTIPLIER == solver.BACKBONE_MULTIPLIER == 1
-    assert (solver.LR_SCHEDULER_NAME, solver.POLY_LR_POWER) == ("WarmupPolyLR", 1.0)
-    assert (solver.WARMUP_METHOD, solver.WARMUP_ITERS, solver.WARMUP_FACTOR) == ("linear", 1500, 1e-6)
     assert (solver.IMS_PER_BATCH, solver.MAX_ITER) == (16, upernet["max_iter"])
     window = cfg.TEST.SLIDING_WINDOW
     assert window.ENABLED == upernet["window"]

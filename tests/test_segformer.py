@@ -5,30 +5,32 @@ by the one key MODEL.GMM.ENABLED, as a GMMSeg head; the configs build and their 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import write_folder_dataset
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
+from head_testing import (
+    NUM_CLASSES,
+    REPO,
+    assert_converted_features,
+    assert_invalid,
+    assert_posteriors,
+    batch,
+    digitscapes_cfg,
+    load_tool,
+    parameter_count,
+    train_gmm_briefly,
+    validated_cfg,
+)
 from mit_reference import ReferenceMiT
 from torch import nn
 
-from gmmseg import load_cfg, validate_gmmseg_config
-from gmmseg.config_validation import ConfigValueError
-from gmmseg.data.folder_dataset import register_folder_dataset
-from gmmseg.engine import GMMSegTrainer
+from gmmseg import validate_gmmseg_config
 from gmmseg.engine.hooks import GMMEMHook
 from gmmseg.modeling import D2MixTransformer, GMMHead, GMMPredictor, SegFormerHead
 from gmmseg.modeling.backbone import MIT_VARIANTS, MiTSpec
 from gmmseg.modeling.gmm_head import DecoderTap
 
-REPO = Path(__file__).resolve().parent.parent
-DIGITSCAPES = REPO / "configs" / "digitscapes"
-NUM_CLASSES = 12
 CHANNELS = {"B0": (32, 64, 160, 256), "B5": (64, 128, 320, 512)}  # SegFormer Table 1
 # Published parameter counts, SegFormer (NeurIPS 2021): encoder (Table 1) and the whole model on ADE20K
 # (150 classes, decoder embedding 256 for B0 and 768 for B5; Table 2), in millions.
@@ -37,30 +39,7 @@ PUBLISHED_ADE20K_MODEL = {"B0": (3.8, 256), "B5": (84.7, 768)}
 
 
 def _converter():
-    path = REPO / "tools" / "convert_mit_weights.py"
-    spec = importlib.util.spec_from_file_location("convert_mit_weights", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _cfg(config: str, *opts):
-    return load_cfg(DIGITSCAPES / config, ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", *opts])
-
-
-def _batch(n: int = 2, size: int = 64, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "image": torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8),
-            "sem_seg": torch.randint(0, NUM_CLASSES, (size, size), generator=g),
-        }
-        for _ in range(n)
-    ]
+    return load_tool("convert_mit_weights")
 
 
 @pytest.mark.parametrize("variant", list(MIT_VARIANTS))
@@ -74,9 +53,9 @@ def test_encoder_has_the_official_parameters(variant):
     converted = _converter().convert_state_dict(reference.state_dict())
     shapes = {name[len("backbone.") :]: tuple(t.shape) for name, t in converted.items()}
     assert shapes == {name: tuple(t.shape) for name, t in ours.state_dict().items()}
-    assert _count(ours) == _count(reference) - _count(reference.head)
+    assert parameter_count(ours) == parameter_count(reference) - parameter_count(reference.head)
     if variant in ("B0", "B5"):
-        assert _count(ours) == {"B0": 3_319_392, "B5": 81_443_008}[variant]
+        assert parameter_count(ours) == {"B0": 3_319_392, "B5": 81_443_008}[variant]
 
 
 @pytest.mark.parametrize("variant", ["B0", "B5"])
@@ -89,9 +68,9 @@ def test_parameter_counts_match_the_paper(variant):
         encoder = D2MixTransformer(spec=MIT_VARIANTS[variant])
         published, embed = PUBLISHED_ADE20K_MODEL[variant]
         head = SegFormerHead(encoder.output_shape(), num_classes=150, embed_dim=embed, common_stride=4)
-    total = _count(encoder) + _count(head)
+    total = parameter_count(encoder) + parameter_count(head)
     if variant == "B5":
-        assert abs(_count(encoder) / 1e6 - PUBLISHED_ENCODER["B5"]) < 0.01 * PUBLISHED_ENCODER["B5"]
+        assert abs(parameter_count(encoder) / 1e6 - PUBLISHED_ENCODER["B5"]) < 0.01 * PUBLISHED_ENCODER["B5"]
         assert abs(total / 1e6 - published) < 0.01 * published
     else:
         assert total == 3_752_694 and round(total / 1e6, 1) == published
@@ -160,19 +139,8 @@ def test_converted_weights_give_the_official_features(name, tmp_path):
     torch.save(reference.state_dict(), tmp_path / "mit_official.pth")
     assert _converter().main([str(tmp_path / "mit_official.pth"), str(tmp_path / "mit_d2.pth")]) == 0
 
-    model = nn.Module()
-    model.backbone = D2MixTransformer(spec=spec).double().eval()
-    with torch.no_grad():
-        for param in model.backbone.parameters():
-            param.fill_(float("nan"))  # anything the checkpoint does not set stays NaN
-    DetectionCheckpointer(model).load(str(tmp_path / "mit_d2.pth"))
-    x = torch.randn(2, 3, 64, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ours = model.backbone(x)
-        expected = reference(x)
-    for got, want in zip(ours.values(), expected):
-        assert got.shape == want.shape and torch.isfinite(got).all()
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    backbone = D2MixTransformer(spec=spec).double().eval()
+    x, ours = assert_converted_features(backbone, tmp_path / "mit_d2.pth", reference)
     reference.patch_embed1.norm.eps = 1e-6  # the block eps where MiT keeps PyTorch's default
     with torch.no_grad():
         assert (reference(x)[0] - ours["res2"]).abs().max() > 1e-8
@@ -221,7 +189,7 @@ def test_head_rejects_a_wrong_stride():
 def test_digitscapes_segformer_trains_and_infers(config):
     """The DigitScapes pair builds from its config; a training step gives finite losses and gradients;
     inference gives posteriors summing to 1 (and, for GMMSeg, the anomaly map)."""
-    cfg = _cfg(config)
+    cfg = digitscapes_cfg(config)
     validate_gmmseg_config(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -235,7 +203,7 @@ def test_digitscapes_segformer_trains_and_infers(config):
         received = []
         head.gmm_predictor.em_observer = received.append
     model.train()
-    losses = model(_batch())
+    losses = model(batch())
     assert set(losses) == ({"loss_sem_seg", "loss_gmm_component"} if gmm else {"loss_sem_seg"})
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -243,16 +211,8 @@ def test_digitscapes_segformer_trains_and_infers(config):
     if gmm:
         assert len(received) == 1 and len(received[0].labels) > 0
     model.eval()
-    image = torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)
-    with torch.no_grad():
-        (out,) = model([{"image": image, "height": 70, "width": 90}])
-    assert out["sem_seg"].shape == (NUM_CLASSES, 70, 90)
-    torch.testing.assert_close(out["sem_seg"].sum(0), torch.ones(70, 90))
-    assert ("anomaly" in out) == gmm and list(out["anomaly_scores"]) == (
-        ["gmm"] if gmm else ["msp", "entropy", "max_logit", "energy"]
-    )
-    if gmm:
-        assert out["anomaly"].shape == (70, 90) and torch.isfinite(out["anomaly"]).all()
+    out = assert_posteriors(model, torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8), gmm)
+    assert list(out["anomaly_scores"]) == (["gmm"] if gmm else ["msp", "entropy", "max_logit", "energy"])
 
 
 @pytest.mark.parametrize(
@@ -267,17 +227,13 @@ def test_digitscapes_segformer_trains_and_infers(config):
     ],
 )
 def test_invalid_values_name_the_key(opts, key):
-    cfg = _cfg("segformer_B0_softmax.yaml", *opts)
-    with pytest.raises(ConfigValueError) as info:
-        validate_gmmseg_config(cfg)
-    assert info.value.key == key
+    assert_invalid(digitscapes_cfg("segformer_B0_softmax.yaml", *opts), key)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*segformer*.yaml")), ids=lambda p: p.name)
 def test_segformer_configs_validate(path):
     """Every SegFormer config loads and validates (the models are built in test_configs.py)."""
-    cfg = load_cfg(path, ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
-    validate_gmmseg_config(cfg)
+    cfg = validated_cfg(path)
     assert cfg.MODEL.BACKBONE.NAME == "D2MixTransformer" and cfg.MODEL.SEM_SEG_HEAD.NAME == "SegFormerHead"
     variant = "B5" if "cityscapes" in path.parts else "B0"
     assert cfg.MODEL.MIT.VARIANT == variant
@@ -287,26 +243,8 @@ def test_segformer_configs_validate(path):
 def test_gmm_segformer_trains_with_the_trainer(tmp_path, unique_name):
     """A few iterations of GMMSegTrainer (AdamW groups over the MiT, online-EM hook) by the one key: the
     memory fills, the M-step moves the means, the checkpoint holds the mixtures."""
-    dataset = write_folder_dataset(tmp_path, unique_name, {"train": 4}, size=(32, 64), num_classes=3)
-    register_folder_dataset(dataset)
-    cfg = _cfg("segformer_B0_gmmseg.yaml")
-    cfg.merge_from_list(
-        ["DATASETS.TRAIN", (f"{unique_name}_train",), "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 3]
-        + ["SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 3, "SOLVER.WARMUP_ITERS", 1]
-        + ["SOLVER.CHECKPOINT_PERIOD", 100, "INPUT.MIN_SIZE_TRAIN", (32,), "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32]
-        + ["MODEL.GMM.UPDATE_INTERVAL", 2, "MODEL.GMM.MEMORY_CAPACITY", 50]
-        + ["MODEL.GMM.ENQUEUE_CORRECT_ONLY", False]  # an untrained model classifies few pixels right
-        + ["OUTPUT_DIR", str(tmp_path / "out")]
-    )
-    validate_gmmseg_config(cfg)
-    trainer = GMMSegTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    head = trainer.model.sem_seg_head
-    means = head.gmm_predictor.gmm.means.clone()
+    opts = ["MODEL.SEM_SEG_HEAD.CONVS_DIM", 32]
+    trainer, checkpoint = train_gmm_briefly(tmp_path, unique_name, "segformer_B0_gmmseg.yaml", *opts)
     (hook,) = [h for h in trainer._hooks if isinstance(h, GMMEMHook)]
-    trainer.train()
     assert int(hook.online.state_dict()["memory.count"].sum()) > 0
-    assert not torch.equal(head.gmm_predictor.gmm.means, means)
-    checkpoint = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)["model"]
-    assert "sem_seg_head.gmm_predictor.gmm.means" in checkpoint
     assert "backbone.stages.3.blocks.1.mlp.dwconv.weight" in checkpoint

@@ -5,27 +5,29 @@ PosteriorSemanticSegmentor, and the config rules."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_folder_dataset
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
+from head_testing import (
+    NUM_CLASSES,
+    REPO,
+    assert_invalid,
+    assert_posteriors,
+    batch,
+    cfg_without_datasets,
+    digitscapes_cfg,
+    train_gmm_briefly,
+    validated_cfg,
+)
 
-from gmmseg import load_cfg, validate_gmmseg_config
-from gmmseg.config_validation import ConfigValueError
-from gmmseg.data.folder_dataset import register_folder_dataset
-from gmmseg.engine import GMMSegTrainer
+from gmmseg import validate_gmmseg_config
 from gmmseg.engine.hooks import GMMEMHook
 from gmmseg.modeling import GMMHead, GMMPredictor, UPerNetHead
 from gmmseg.modeling.gmm_head import DecoderTap
 from gmmseg.modeling.upernet_head import PyramidPooling
 
-REPO = Path(__file__).resolve().parent.parent
-DIGITSCAPES = REPO / "configs" / "digitscapes"
-NUM_CLASSES = 12
 STAGES = ("res2", "res3", "res4", "res5")
 # a Swin small enough for CPU tests: channels 16/32/64/128, one block per stage, 4x4 windows
 TINY_SWIN = [
@@ -42,21 +44,6 @@ TINY_SWIN = [
 ]
 BACKBONES = {"R18": [], "tiny-Swin": TINY_SWIN}
 FIRST_LAYER = {"R18": "backbone.stem.conv1.weight", "tiny-Swin": "backbone.patch_embed.proj.weight"}
-
-
-def _cfg(config: str, *opts):
-    return load_cfg(DIGITSCAPES / config, ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", *opts])
-
-
-def _batch(n: int = 2, size: int = 64, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "image": torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8),
-            "sem_seg": torch.randint(0, NUM_CLASSES, (size, size), generator=g),
-        }
-        for _ in range(n)
-    ]
 
 
 def _features(channels=(8, 16, 24, 32), size=(32, 48), n=2, seed=0) -> dict[str, torch.Tensor]:
@@ -152,10 +139,7 @@ def test_swin_upernet_parameter_counts_match_the_swin_paper(size, expected_milli
     if size == "T":
         opts += ["MODEL.SWIN.EMBED_DIM", 96, "MODEL.SWIN.DEPTHS", [2, 2, 6, 2]]
         opts += ["MODEL.SWIN.NUM_HEADS", [3, 6, 12, 24]]
-    cfg = load_cfg(
-        REPO / "configs" / "ade20k" / "upernet_SwinB_softmax.yaml",
-        ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()", *opts],
-    )
+    cfg = cfg_without_datasets(REPO / "configs" / "ade20k" / "upernet_SwinB_softmax.yaml", *opts)
     model = build_model(cfg)
     assert model.sem_seg_head.aux_head is not None
     assert round(sum(p.numel() for p in model.parameters()) / 1e6) == expected_millions
@@ -170,7 +154,7 @@ def test_head_rejects_a_wrong_stride():
 def test_output_stride_and_channels(backbone):
     """On both backbones the decoder gives CONVS_DIM channels at stride 4; inference logits are at the
     input's resolution."""
-    cfg = _cfg("upernet_R18_softmax.yaml", *BACKBONES[backbone])
+    cfg = digitscapes_cfg("upernet_R18_softmax.yaml", *BACKBONES[backbone])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     head = model.sem_seg_head
@@ -190,7 +174,7 @@ def test_trains_and_infers_through_the_meta_architecture(backbone, config):
     """A training step gives finite losses (the auxiliary one too, softmax or GMM) and gradients down to
     the backbone's first layer; inference gives posteriors summing to 1 (GMMSeg: and the anomaly map),
     also by sliding windows."""
-    cfg = _cfg(config, *BACKBONES[backbone])
+    cfg = digitscapes_cfg(config, *BACKBONES[backbone])
     validate_gmmseg_config(cfg)
     gmm = cfg.MODEL.GMM.ENABLED
     torch.manual_seed(0)
@@ -198,7 +182,7 @@ def test_trains_and_infers_through_the_meta_architecture(backbone, config):
     head = model.sem_seg_head
     assert isinstance(head, UPerNetHead) and isinstance(head, GMMHead) == gmm
     model.train()
-    losses = model(_batch())
+    losses = model(batch())
     expected = {"loss_sem_seg", "loss_sem_seg_aux"} | ({"loss_gmm_component"} if gmm else set())
     assert set(losses) == expected and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -210,20 +194,14 @@ def test_trains_and_infers_through_the_meta_architecture(backbone, config):
     image = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
     for window in (False, True):
         model.sliding_window, model.sliding_stride = ((64, 64), (32, 32)) if window else (None, None)
-        with torch.no_grad():
-            (out,) = model([{"image": image, "height": 70, "width": 90}])
-        assert out["sem_seg"].shape == (NUM_CLASSES, 70, 90)
-        torch.testing.assert_close(out["sem_seg"].sum(0), torch.ones(70, 90))
-        assert ("anomaly" in out) == gmm
+        out = assert_posteriors(model, image, gmm)
         assert list(out["anomaly_scores"]) == (["gmm"] if gmm else ["msp", "entropy", "max_logit", "energy"])
-        if gmm:
-            assert out["anomaly"].shape == (70, 90) and torch.isfinite(out["anomaly"]).all()
 
 
 def test_gmm_key_replaces_only_the_decode_classifier():
     """MODEL.GMM.ENABLED: the predictor becomes the tap, the GMM predictor reads CONVS_DIM channels, the
     auxiliary FCN head keeps its softmax classifier, and checkpoints hold no predictor weights."""
-    cfg = _cfg("upernet_R18_gmmseg.yaml")
+    cfg = digitscapes_cfg("upernet_R18_gmmseg.yaml")
     torch.manual_seed(0)
     model = build_model(cfg)
     head = model.sem_seg_head
@@ -241,7 +219,7 @@ def test_gmm_key_replaces_only_the_decode_classifier():
 def test_auxiliary_loss_is_the_weighted_fcn_cross_entropy(config):
     """loss_sem_seg_aux = AUX_LOSS_WEIGHT x cross-entropy of the FCN head on res4, upsampled to the labels
     (ignored pixels left out); AUX_LOSS_WEIGHT 0 builds no auxiliary head and gives no such loss."""
-    cfg = _cfg(config, "MODEL.UPERNET.AUX_LOSS_WEIGHT", 0.25)
+    cfg = digitscapes_cfg(config, "MODEL.UPERNET.AUX_LOSS_WEIGHT", 0.25)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     head = model.sem_seg_head
@@ -256,11 +234,11 @@ def test_auxiliary_loss_is_the_weighted_fcn_cross_entropy(config):
     want = 0.25 * F.cross_entropy(logits, targets, ignore_index=255)
     torch.testing.assert_close(losses["loss_sem_seg_aux"], want)
 
-    cfg = _cfg(config, "MODEL.UPERNET.AUX_LOSS_WEIGHT", 0.0)
+    cfg = digitscapes_cfg(config, "MODEL.UPERNET.AUX_LOSS_WEIGHT", 0.0)
     model = build_model(cfg).train()
     assert model.sem_seg_head.aux_head is None
     assert not any("aux" in name for name in model.state_dict())
-    assert "loss_sem_seg_aux" not in model(_batch())
+    assert "loss_sem_seg_aux" not in model(batch())
 
 
 @pytest.mark.parametrize(
@@ -280,16 +258,13 @@ def test_auxiliary_loss_is_the_weighted_fcn_cross_entropy(config):
     ],
 )
 def test_invalid_values_name_the_key(opts, key):
-    cfg = _cfg("upernet_R18_softmax.yaml", *opts)
-    with pytest.raises(ConfigValueError) as info:
-        validate_gmmseg_config(cfg)
-    assert info.value.key == key
+    assert_invalid(digitscapes_cfg("upernet_R18_softmax.yaml", *opts), key)
 
 
 def test_unused_auxiliary_feature_is_not_checked():
     """Without an auxiliary head (weight 0) its input name does not matter."""
     validate_gmmseg_config(
-        _cfg(
+        digitscapes_cfg(
             "upernet_R18_softmax.yaml",
             "MODEL.UPERNET.AUX_LOSS_WEIGHT",
             0.0,
@@ -303,8 +278,7 @@ def test_unused_auxiliary_feature_is_not_checked():
 def test_upernet_configs_validate(path):
     """Every UperNet config loads and validates (test_configs.py builds the models): R-18 with 64 channels
     on DigitScapes, Swin-B with mmsegmentation's 512 and its auxiliary head elsewhere."""
-    cfg = load_cfg(path, ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
-    validate_gmmseg_config(cfg)
+    cfg = validated_cfg(path)
     head, upernet = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.UPERNET
     assert head.NAME == "UPerNetHead" and list(head.IN_FEATURES) == list(STAGES)
     assert list(upernet.POOL_SCALES) == [1, 2, 3, 6] and upernet.AUX_LOSS_WEIGHT == 0.4
@@ -320,27 +294,9 @@ def test_upernet_configs_validate(path):
 def test_gmm_upernet_trains_with_the_trainer(tmp_path, unique_name):
     """A few iterations of GMMSegTrainer by the one key (AdamW groups, online-EM hook): the memory fills,
     the M-step moves the means, the checkpoint holds the mixtures and the auxiliary head."""
-    dataset = write_folder_dataset(tmp_path, unique_name, {"train": 4}, size=(32, 64), num_classes=3)
-    register_folder_dataset(dataset)
-    cfg = _cfg("upernet_R18_gmmseg.yaml")
-    cfg.merge_from_list(
-        ["DATASETS.TRAIN", (f"{unique_name}_train",), "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 3]
-        + ["SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 3, "SOLVER.WARMUP_ITERS", 1]
-        + ["SOLVER.CHECKPOINT_PERIOD", 100, "INPUT.MIN_SIZE_TRAIN", (32,)]
-        + ["MODEL.GMM.UPDATE_INTERVAL", 2, "MODEL.GMM.MEMORY_CAPACITY", 50]
-        + ["MODEL.GMM.ENQUEUE_CORRECT_ONLY", False]  # an untrained model classifies few pixels right
-        + ["OUTPUT_DIR", str(tmp_path / "out")]
-    )
-    validate_gmmseg_config(cfg)
-    trainer = GMMSegTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    head = trainer.model.sem_seg_head
-    means = head.gmm_predictor.gmm.means.clone()
+    trainer, checkpoint = train_gmm_briefly(tmp_path, unique_name, "upernet_R18_gmmseg.yaml")
     (hook,) = [h for h in trainer._hooks if isinstance(h, GMMEMHook)]
-    trainer.train()
     assert int(hook.online.state_dict()["memory.count"].sum()) > 0
-    assert not torch.equal(head.gmm_predictor.gmm.means, means)
-    checkpoint = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)["model"]
     assert {"sem_seg_head.gmm_predictor.gmm.means", "sem_seg_head.aux_head.classifier.weight"} <= set(
         checkpoint
     )

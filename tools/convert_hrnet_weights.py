@@ -16,8 +16,8 @@ keeps, uses the official names, so the backbone's keep theirs:
 (the official code leaves ``None`` where timm has ``nn.Identity``: neither has parameters, so no name
 moves). Any other name is an error, so weights in another layout are not loaded half-way. With
 ``--variant`` the result is also checked, name by name and shape by shape, against ``D2HRNet`` of that
-size (Detectron2 would skip a tensor of the wrong shape with a warning only); that check needs gmmseg, the
-conversion only torch.
+size (Detectron2 would skip a tensor of the wrong shape with a warning only); that check needs gmmseg's
+models (Detectron2), the conversion only torch and ``gmmseg.checkpoint_conversion`` (the MiT converter's too).
 """
 
 from __future__ import annotations
@@ -29,16 +29,17 @@ from collections.abc import Mapping
 
 import torch
 
-PREFIX = "backbone."
+from gmmseg.checkpoint_conversion import PREFIX, load_official_state_dict, rename_backbone_tensors
+
 BACKBONE = re.compile(r"(conv[12]|bn[12]|layer1|transition[1-3]|stage[2-4])\..+")
 CLASSIFICATION_HEAD = re.compile(r"(incre_modules|downsamp_modules|final_layer|classifier)\..+")
 
 
-def d2_name(name: str) -> str | None:
-    """The Detectron2 name of an official HRNet tensor; None for the classification head (dropped).
-    ValueError for a name outside the official layout."""
+def timm_name(name: str) -> str | None:
+    """The timm name of an official HRNet tensor (the same name); None for the classification head
+    (dropped). ValueError for a name outside the official layout."""
     if BACKBONE.fullmatch(name):
-        return PREFIX + name
+        return name
     if CLASSIFICATION_HEAD.fullmatch(name):
         return None
     raise ValueError(f"'{name}' is not a tensor of the official HRNet (HRNet-Image-Classification) layout")
@@ -46,14 +47,8 @@ def d2_name(name: str) -> str | None:
 
 def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official HRNet state dict -> ``{"backbone.<name>": tensor}`` (classification head dropped)."""
-    converted = {}
-    for name, value in state.items():
-        target = d2_name(name)
-        if target is not None:
-            converted[target] = value
-    if not converted:
-        raise ValueError("no HRNet backbone tensor found: is this an HRNet ImageNet checkpoint?")
-    return converted
+    nothing_found = "no HRNet backbone tensor found: is this an HRNet ImageNet checkpoint?"
+    return rename_backbone_tensors(state, timm_name, nothing_found)
 
 
 def check_against_variant(converted: Mapping[str, torch.Tensor], variant: str) -> None:
@@ -73,15 +68,6 @@ def check_against_variant(converted: Mapping[str, torch.Tensor], variant: str) -
         )
 
 
-def load_official(path: str) -> dict[str, torch.Tensor]:
-    """The state dict in an official checkpoint: saved bare, or under "state_dict" / "model"."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="where to write the Detectron2 checkpoint (.pth)")
     parser.add_argument("--variant", help="check the result against D2HRNet of this size (e.g. W48)")
     args = parser.parse_args(argv)
-    state = load_official(args.source)
+    state = load_official_state_dict(args.source)
     converted = convert_state_dict(state)
     if args.variant:
         check_against_variant(converted, args.variant)

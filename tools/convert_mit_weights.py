@@ -18,7 +18,8 @@ then give ``MODEL.WEIGHTS mit_b5_d2.pth`` with a ``D2MixTransformer`` backbone o
 
 Any other name is an error, so weights in another layout are not loaded half-way: mmsegmentation's own
 MiT layout (``layers.0.0.projection.*``, e.g. ``mit_b5_mmseg.pth``, which the GMMSeg authors load) is
-refused with a message; convert from the original ``mit_b5.pth``. Only torch is needed.
+refused with a message; convert from the original ``mit_b5.pth``. Only torch is needed (and
+``gmmseg.checkpoint_conversion``, which the HRNet converter shares; not Detectron2).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from collections.abc import Mapping
 
 import torch
 
-PREFIX = "backbone."
+from gmmseg.checkpoint_conversion import load_official_state_dict, rename_backbone_tensors
+
 PARAM = r"\.(weight|bias)"
 PATCH_EMBED = re.compile(r"patch_embed([1-4])\.(proj|norm)" + PARAM)
 BLOCK_LAYER = r"(norm1|norm2|attn\.(?:q|kv|proj|sr|norm)|mlp\.(?:fc1|fc2|dwconv\.dwconv))"
@@ -61,23 +63,7 @@ def timm_name(name: str) -> str | None:
 
 def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official MiT state dict -> ``{"backbone.<timm name>": tensor}`` (classifier dropped)."""
-    converted = {}
-    for name, value in state.items():
-        target = timm_name(name)
-        if target is not None:
-            converted[PREFIX + target] = value
-    if not converted:
-        raise ValueError("no MiT parameter found: is this a mit_b*.pth file?")
-    return converted
-
-
-def load_official(path: str) -> dict[str, torch.Tensor]:
-    """The state dict in an official checkpoint: saved bare, or under "state_dict" / "model"."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
+    return rename_backbone_tensors(state, timm_name, "no MiT parameter found: is this a mit_b*.pth file?")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="official MiT weights, e.g. mit_b5.pth")
     parser.add_argument("output", help="where to write the Detectron2 checkpoint (.pth)")
     args = parser.parse_args(argv)
-    state = load_official(args.source)
+    state = load_official_state_dict(args.source)
     converted = convert_state_dict(state)
     torch.save({"model": converted, "__author__": "tools/convert_mit_weights.py"}, args.output)
     dropped = len(state) - len(converted)

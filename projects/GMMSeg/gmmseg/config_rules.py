@@ -1,10 +1,12 @@
-"""The vocabulary of config rules: what one value must be (``Rule``), common kinds of value, and the error
-that names the key. ``gmmseg.config_validation`` says which key follows which rule."""
+"""The vocabulary of config rules: what one value must be (``Rule``), common kinds of value, the error
+that names the key (``check`` raises it), and the one cross-key rule several backbones share (a head reads
+the backbone's outputs, ``head_reads_backbone_outputs``). ``gmmseg.config_validation`` says which key
+follows which rule."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +19,12 @@ __all__ = [
     "ConfigValueError",
     "Rule",
     "at_least",
+    "check",
     "existing_file",
+    "head_reads_backbone_outputs",
     "in_range",
     "integer",
+    "lookup",
     "one_of",
 ]
 
@@ -82,3 +87,49 @@ FRACTION = Rule(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")  #
 BOOLEAN = Rule(lambda v: isinstance(v, bool), "True or False")
 DEVICE = Rule(lambda v: isinstance(v, str) and (v == "cpu" or v.startswith("cuda")), "'cpu' or 'cuda[:N]'")
 HEIGHT_WIDTH = Rule(_is_positive_int_pair, "two positive integers (height, width)")
+
+
+def _shown(value: Any) -> Any:
+    """Sequences are reported as lists, whether the YAML gave a list or the command line a tuple."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check(ok: bool, key: str, value: Any, expected: str) -> None:
+    """ConfigValueError for ``key`` (its ``value`` and what was ``expected``) unless ``ok``."""
+    if not ok:
+        raise ConfigValueError(key, _shown(value), expected)
+
+
+def lookup(cfg: Any, key: str) -> Any:
+    """The value of a dotted key (``"MODEL.GMM.EMBED_DIM"``) in a config."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def head_reads_backbone_outputs(
+    backbone: str, outputs_key: str, strides: Mapping[str, int], head: str
+) -> Callable[[Any], None]:
+    """The cross-key rule of a backbone that names its outputs (``outputs_key``, e.g.
+    ``MODEL.MIT.OUT_FEATURES``): on that ``backbone`` the head reads some of them, and the stride of
+    ``head`` (the backbone's own head, e.g. ``SegFormerHead``) is that of its finest input."""
+
+    def rule(cfg: Any) -> None:
+        if cfg.MODEL.BACKBONE.NAME != backbone:
+            return
+        head_cfg, outputs = cfg.MODEL.SEM_SEG_HEAD, list(lookup(cfg, outputs_key))
+        check(
+            len(head_cfg.IN_FEATURES) > 0 and set(head_cfg.IN_FEATURES) <= set(outputs),
+            "MODEL.SEM_SEG_HEAD.IN_FEATURES",
+            head_cfg.IN_FEATURES,
+            f"names among {outputs_key} {outputs}",
+        )
+        if head_cfg.NAME == head:
+            finest = min(strides[name] for name in head_cfg.IN_FEATURES)
+            stride = head_cfg.COMMON_STRIDE
+            check(stride == finest, "MODEL.SEM_SEG_HEAD.COMMON_STRIDE", stride, f"{finest} (finest input)")
+
+    rule.__name__ = rule.__qualname__ = f"head_reads_{backbone}_outputs"
+    rule.__doc__ = f"On {backbone} the head reads outputs it gives; {head}'s stride is its finest input's."
+    return rule

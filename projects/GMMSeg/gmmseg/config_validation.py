@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -28,9 +27,12 @@ from gmmseg.config_rules import (
     ConfigValueError,
     Rule,
     at_least,
+    check,
     existing_file,
+    head_reads_backbone_outputs,
     in_range,
     integer,
+    lookup,
     one_of,
 )
 from gmmseg.config_validation_ocrnet import OCRNET_CROSS_KEY_RULES, OCRNET_KEY_RULES
@@ -161,34 +163,16 @@ MASK_FORMER_KEY_RULES: dict[str, Rule] = {
 }
 
 
-def _shown(value: Any) -> Any:
-    """Sequences are reported as lists, whether the YAML gave a list or the command line a tuple."""
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigValueError(key, _shown(value), expected)
-
-
-def lookup(cfg: CfgNode, key: str) -> Any:
-    """The value of a dotted key (``"MODEL.GMM.EMBED_DIM"``)."""
-    node: Any = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def check_rules(cfg: CfgNode, rules: Mapping[str, Rule]) -> None:
     """The one loop over a table of per-key rules."""
     for key, rule in rules.items():
         value = lookup(cfg, key)
-        _check(rule.accepts(value), key, value, rule.expected)
+        check(rule.accepts(value), key, value, rule.expected)
 
 
 def _ignore_value_is_not_a_class(cfg: CfgNode) -> None:
     head = cfg.MODEL.SEM_SEG_HEAD
-    _check(
+    check(
         isinstance(head.IGNORE_VALUE, int)
         and (head.IGNORE_VALUE < 0 or head.IGNORE_VALUE >= head.NUM_CLASSES),
         "MODEL.SEM_SEG_HEAD.IGNORE_VALUE",
@@ -199,7 +183,7 @@ def _ignore_value_is_not_a_class(cfg: CfgNode) -> None:
 
 def _random_memory_needs_a_memory(cfg: CfgNode) -> None:
     gmm = cfg.MODEL.GMM
-    _check(
+    check(
         gmm.MEMORY_INIT == "empty" or gmm.MEMORY_CAPACITY > 0,
         "MODEL.GMM.MEMORY_INIT",
         gmm.MEMORY_INIT,
@@ -214,14 +198,14 @@ def _scores_have_their_statistics(cfg: CfgNode) -> None:
             continue
         key, tool = ANOMALY_SCORES[name].statistics
         value = lookup(cfg, key)
-        _check(
+        check(
             bool(value), key, value, f"a statistics file (tools/{tool}) when TEST.ANOMALY_SCORES has {name!r}"
         )
 
 
 def _sliding_window_has_no_gaps(cfg: CfgNode) -> None:
     window = cfg.TEST.SLIDING_WINDOW
-    _check(
+    check(
         all(st <= sz for st, sz in zip(window.STRIDE, window.SIZE)),
         "TEST.SLIDING_WINDOW.STRIDE",
         window.STRIDE,
@@ -230,7 +214,7 @@ def _sliding_window_has_no_gaps(cfg: CfgNode) -> None:
 
 
 def _posthoc_gmm_replaces_a_softmax_head(cfg: CfgNode) -> None:
-    _check(
+    check(
         not cfg.TEST.POSTHOC_GMM
         or (
             cfg.MODEL.META_ARCHITECTURE == "PosteriorSemanticSegmentor"
@@ -249,7 +233,7 @@ def _gmm_enabled_converts_a_softmax_head(cfg: CfgNode) -> None:
     if not cfg.MODEL.GMM.ENABLED:
         return
     arch, name = cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.SEM_SEG_HEAD.NAME
-    _check(
+    check(
         arch == "PosteriorSemanticSegmentor",
         "MODEL.GMM.ENABLED",
         True,
@@ -257,29 +241,12 @@ def _gmm_enabled_converts_a_softmax_head(cfg: CfgNode) -> None:
         "Mask2Former's GMM model is GMMMaskFormer)",
     )
     head = SEM_SEG_HEADS_REGISTRY.get(name) if name in SEM_SEG_HEADS_REGISTRY else None
-    _check(
+    check(
         not (isinstance(head, type) and issubclass(head, GMMHead)),
         "MODEL.GMM.ENABLED",
         True,
         f"False for MODEL.SEM_SEG_HEAD.NAME '{name}', a GMM head already (or name its softmax head)",
     )
-
-
-def _head_reads_mit_outputs(cfg: CfgNode) -> None:
-    """On a MiT backbone the head reads features it gives, and SegFormerHead's stride is its finest."""
-    if cfg.MODEL.BACKBONE.NAME != "D2MixTransformer":
-        return
-    head, outputs = cfg.MODEL.SEM_SEG_HEAD, list(cfg.MODEL.MIT.OUT_FEATURES)
-    _check(
-        len(head.IN_FEATURES) > 0 and set(head.IN_FEATURES) <= set(outputs),
-        "MODEL.SEM_SEG_HEAD.IN_FEATURES",
-        head.IN_FEATURES,
-        f"names among MODEL.MIT.OUT_FEATURES {outputs}",
-    )
-    if head.NAME == "SegFormerHead":
-        finest = min(MIT_STRIDES[name] for name in head.IN_FEATURES)
-        stride = head.COMMON_STRIDE
-        _check(stride == finest, "MODEL.SEM_SEG_HEAD.COMMON_STRIDE", stride, f"{finest} (finest input)")
 
 
 def _mask_former(cfg: CfgNode) -> None:
@@ -288,7 +255,7 @@ def _mask_former(cfg: CfgNode) -> None:
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch not in MASK_FORMER_ARCHITECTURES:
         return
-    _check(
+    check(
         MASK2FORMER_IMPORT_ERROR is None,
         "MODEL.META_ARCHITECTURE",
         arch,
@@ -296,13 +263,13 @@ def _mask_former(cfg: CfgNode) -> None:
         f"{MASK2FORMER_IMPORT_ERROR})",
     )
     decoder = MASK_FORMER_ARCHITECTURES[arch]
-    _check(
+    check(
         cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME == decoder,
         "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME",
         cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME,
         f"'{decoder}' for MODEL.META_ARCHITECTURE '{arch}'",
     )
-    _check(
+    check(
         cfg.MODEL.SEM_SEG_HEAD.NAME == "MaskFormerHead",
         "MODEL.SEM_SEG_HEAD.NAME",
         cfg.MODEL.SEM_SEG_HEAD.NAME,
@@ -311,7 +278,7 @@ def _mask_former(cfg: CfgNode) -> None:
     check_rules(cfg, MASK_FORMER_KEY_RULES)
     refused = scores_needing_more_than(MASK_FORMER_MAPS[arch])
     names = [repr(n) for n in refused]
-    _check(
+    check(
         not set(refused) & set(cfg.TEST.ANOMALY_SCORES) and not cfg.TEST.MAHALANOBIS_STATS,
         "TEST.ANOMALY_SCORES",
         cfg.TEST.ANOMALY_SCORES,
@@ -322,7 +289,7 @@ def _mask_former(cfg: CfgNode) -> None:
 def _crop_size(cfg: CfgNode) -> None:
     if cfg.INPUT.CROP.ENABLED:
         size = list(cfg.INPUT.CROP.SIZE)
-        _check(len(size) == 2 and all(s > 0 for s in size), "INPUT.CROP.SIZE", size, "two positive numbers")
+        check(len(size) == 2 and all(s > 0 for s in size), "INPUT.CROP.SIZE", size, "two positive numbers")
 
 
 def _datasets_agree_with_metadata(cfg: CfgNode) -> None:
@@ -331,7 +298,7 @@ def _datasets_agree_with_metadata(cfg: CfgNode) -> None:
     registered = set(DatasetCatalog.list())
     for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
         for name in names:
-            _check(
+            check(
                 name in registered,
                 key,
                 names,
@@ -340,7 +307,7 @@ def _datasets_agree_with_metadata(cfg: CfgNode) -> None:
             meta = MetadataCatalog.get(name)
             classes = meta.get("stuff_classes", None)
             if classes is not None:
-                _check(
+                check(
                     len(classes) == head.NUM_CLASSES,
                     "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
                     head.NUM_CLASSES,
@@ -348,7 +315,7 @@ def _datasets_agree_with_metadata(cfg: CfgNode) -> None:
                 )
             ignore = meta.get("ignore_label", None)
             if ignore is not None:
-                _check(
+                check(
                     ignore == head.IGNORE_VALUE,
                     "MODEL.SEM_SEG_HEAD.IGNORE_VALUE",
                     head.IGNORE_VALUE,
@@ -364,7 +331,7 @@ CROSS_KEY_RULES: tuple[Callable[[CfgNode], None], ...] = (
     _sliding_window_has_no_gaps,
     _posthoc_gmm_replaces_a_softmax_head,
     _gmm_enabled_converts_a_softmax_head,
-    _head_reads_mit_outputs,
+    head_reads_backbone_outputs("D2MixTransformer", "MODEL.MIT.OUT_FEATURES", MIT_STRIDES, "SegFormerHead"),
     upernet_head_reads_backbone_outputs,
     _mask_former,
     _crop_size,

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 from detectron2.config import CfgNode
 
-from gmmseg.config_rules import ConfigValueError, Rule, in_range, integer, one_of
+from gmmseg.config_rules import Rule, head_reads_backbone_outputs, in_range, integer, one_of
 from gmmseg.modeling.backbone.hrnet import HRNET_FEATURES, HRNET_NORMS, HRNET_STRIDES, HRNET_VARIANTS
 
 __all__ = ["OCRNET_CROSS_KEY_RULES", "OCRNET_KEY_RULES"]
@@ -29,27 +28,7 @@ OCRNET_KEY_RULES: dict[str, Rule] = {
 }
 
 
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigValueError(key, list(value) if isinstance(value, tuple) else value, expected)
-
-
-def _head_reads_hrnet_outputs(cfg: CfgNode) -> None:
-    """On an HRNet the head reads branches it gives, and OCRHead's stride is that of its finest input."""
-    if cfg.MODEL.BACKBONE.NAME != "D2HRNet":
-        return
-    head, outputs = cfg.MODEL.SEM_SEG_HEAD, list(cfg.MODEL.HRNET.OUT_FEATURES)
-    _check(
-        len(head.IN_FEATURES) > 0 and set(head.IN_FEATURES) <= set(outputs),
-        "MODEL.SEM_SEG_HEAD.IN_FEATURES",
-        head.IN_FEATURES,
-        f"names among MODEL.HRNET.OUT_FEATURES {outputs}",
-    )
-    if head.NAME == "OCRHead":
-        finest = min(HRNET_STRIDES[name] for name in head.IN_FEATURES)
-        stride = head.COMMON_STRIDE
-        _check(stride == finest, "MODEL.SEM_SEG_HEAD.COMMON_STRIDE", stride, f"{finest} (finest input)")
-
-
 # After gmmseg.config_validation's own cross-key rules.
-OCRNET_CROSS_KEY_RULES: tuple[Callable[[CfgNode], None], ...] = (_head_reads_hrnet_outputs,)
+OCRNET_CROSS_KEY_RULES: tuple[Callable[[CfgNode], None], ...] = (
+    head_reads_backbone_outputs("D2HRNet", "MODEL.HRNET.OUT_FEATURES", HRNET_STRIDES, "OCRHead"),
+)

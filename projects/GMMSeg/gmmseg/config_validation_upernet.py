@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from detectron2.config import CfgNode
 
 from gmmseg.config import MASK2FORMER_IMPORT_ERROR
-from gmmseg.config_rules import ConfigValueError, Rule, at_least, integer
+from gmmseg.config_rules import Rule, at_least, check, integer, lookup
 
 __all__ = ["BACKBONE_OUTPUTS", "UPERNET_KEY_RULES", "upernet_head_reads_backbone_outputs"]
 
@@ -32,29 +30,24 @@ BACKBONE_OUTPUTS = {
 STAGE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 
-def _require(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigValueError(key, list(value) if isinstance(value, tuple) else value, expected)
-
-
 def upernet_head_reads_backbone_outputs(cfg: CfgNode) -> None:
     """For ``UPerNetHead``: a positive width, an installed Swin, inputs and auxiliary input among the
     backbone's outputs, and ``COMMON_STRIDE`` the finest input's stride."""
     head, upernet = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.UPERNET
     if head.NAME != "UPerNetHead":
         return
-    _require(
+    check(
         integer(1).accepts(head.CONVS_DIM), "MODEL.SEM_SEG_HEAD.CONVS_DIM", head.CONVS_DIM, "an integer >= 1"
     )
     backbone = cfg.MODEL.BACKBONE.NAME
-    _require(
+    check(
         backbone != "D2SwinTransformer" or MASK2FORMER_IMPORT_ERROR is None,
         "MODEL.BACKBONE.NAME",
         backbone,
         f"an installed Mask2Former, which has Swin (tools/install.py; {MASK2FORMER_IMPORT_ERROR})",
     )
     inputs = list(head.IN_FEATURES)
-    _require(
+    check(
         len(inputs) > 0 and len(set(inputs)) == len(inputs),
         "MODEL.SEM_SEG_HEAD.IN_FEATURES",
         inputs,
@@ -62,17 +55,14 @@ def upernet_head_reads_backbone_outputs(cfg: CfgNode) -> None:
     )
     if backbone in BACKBONE_OUTPUTS:
         key = BACKBONE_OUTPUTS[backbone]
-        node: Any = cfg
-        for part in key.split("."):
-            node = node[part]
-        outputs = list(node)
-        _require(
+        outputs = list(lookup(cfg, key))
+        check(
             set(inputs) <= set(outputs),
             "MODEL.SEM_SEG_HEAD.IN_FEATURES",
             inputs,
             f"names among {key} {outputs}",
         )
-        _require(
+        check(
             upernet.AUX_LOSS_WEIGHT == 0 or upernet.AUX_IN_FEATURE in outputs,
             "MODEL.UPERNET.AUX_IN_FEATURE",
             upernet.AUX_IN_FEATURE,
@@ -81,4 +71,4 @@ def upernet_head_reads_backbone_outputs(cfg: CfgNode) -> None:
     if set(inputs) <= set(STAGE_STRIDES):
         finest = min(STAGE_STRIDES[name] for name in inputs)
         stride = head.COMMON_STRIDE
-        _require(stride == finest, "MODEL.SEM_SEG_HEAD.COMMON_STRIDE", stride, f"{finest} (finest input)")
+        check(stride == finest, "MODEL.SEM_SEG_HEAD.COMMON_STRIDE", stride, f"{finest} (finest input)")

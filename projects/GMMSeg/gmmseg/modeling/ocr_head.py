@@ -27,32 +27,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
-from fvcore.nn import weight_init
 from torch import Tensor, nn
 
 from .gmm_head import pop_auxiliary_losses
+from .head_inputs import configured_inputs, sorted_in_features
+from .mmseg_layers import conv_norm_relu
 
 __all__ = ["OCRHead", "ObjectAttention", "spatial_gather"]
 
 AUX_LOSS_NAME = "loss_ocr_aux"
-
-
-def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, norm: str) -> Conv2d:
-    """mmcv's ConvModule as OCR uses it: conv (no bias before a norm), norm, ReLU; He fan-out init."""
-    conv = Conv2d(
-        in_channels,
-        out_channels,
-        kernel_size,
-        padding=kernel_size // 2,
-        bias=not norm,
-        norm=get_norm(norm, out_channels),
-        activation=F.relu,
-    )
-    weight_init.c2_msra_fill(conv)
-    return conv
 
 
 def spatial_gather(features: Tensor, region_logits: Tensor) -> Tensor:
@@ -113,16 +99,8 @@ class OCRHead(nn.Module):
         ignore_value: int = -1,
     ) -> None:
         super().__init__()
-        if not input_shape:
-            raise ValueError("OCRHead needs an input feature (MODEL.SEM_SEG_HEAD.IN_FEATURES)")
-        finest = min(shape.stride for shape in input_shape.values())
-        if common_stride != finest:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.COMMON_STRIDE = {common_stride} is invalid: expected {finest}, the "
-                "stride of OCRHead's finest input (its logits are upsampled by it to the input)"
-            )
         # finest first, as HRNetV2 concatenates its branches
-        self.in_features = sorted(input_shape, key=lambda name: input_shape[name].stride)
+        self.in_features = sorted_in_features(input_shape, common_stride, "OCRHead")
         self.common_stride = common_stride
         self.loss_weight = loss_weight
         self.aux_loss_weight = aux_loss_weight
@@ -143,14 +121,8 @@ class OCRHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
         head, ocr = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.OCR
-        missing = [name for name in head.IN_FEATURES if name not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURES = {list(head.IN_FEATURES)} is invalid: the backbone gives "
-                f"{sorted(input_shape)}, not {missing}"
-            )
         return {
-            "input_shape": {name: input_shape[name] for name in head.IN_FEATURES},
+            "input_shape": configured_inputs(head, input_shape),
             "num_classes": head.NUM_CLASSES,
             "channels": ocr.CHANNELS,
             "key_channels": ocr.KEY_CHANNELS,

@@ -19,11 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
-from fvcore.nn import weight_init
 from torch import Tensor, nn
+
+from .head_inputs import configured_inputs, sorted_in_features
+from .mmseg_layers import classifier, conv_norm_relu
 
 __all__ = ["SegFormerHead"]
 
@@ -46,16 +48,10 @@ class SegFormerHead(nn.Module):
         ignore_value: int = -1,
     ) -> None:
         super().__init__()
-        if not input_shape:
-            raise ValueError("SegFormerHead needs an input feature (MODEL.SEM_SEG_HEAD.IN_FEATURES)")
-        finest = min(shape.stride for shape in input_shape.values())
-        if common_stride != finest:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.COMMON_STRIDE = {common_stride} is invalid: expected {finest}, the "
-                "stride of SegFormerHead's finest input (its logits are upsampled by it to the input)"
-            )
         # coarsest first: the official head concatenates (c4, c3, c2, c1)
-        self.in_features = sorted(input_shape, key=lambda name: -input_shape[name].stride)
+        self.in_features = sorted_in_features(
+            input_shape, common_stride, "SegFormerHead", coarsest_first=True
+        )
         self.common_stride = common_stride
         self.loss_weight = loss_weight
         self.ignore_value = ignore_value
@@ -63,32 +59,15 @@ class SegFormerHead(nn.Module):
         self.embed = nn.ModuleDict(
             {name: nn.Conv2d(input_shape[name].channels, embed_dim, 1) for name in self.in_features}
         )
-        use_bias = norm == ""
-        self.fuse = Conv2d(
-            embed_dim * len(self.in_features),
-            embed_dim,
-            kernel_size=1,
-            bias=use_bias,
-            norm=get_norm(norm, embed_dim),
-            activation=F.relu,
-        )
-        weight_init.c2_msra_fill(self.fuse)  # He (fan-out) normal, as mmcv's ConvModule
+        self.fuse = conv_norm_relu(embed_dim * len(self.in_features), embed_dim, 1, norm)
         self.dropout = nn.Dropout2d(dropout)
-        self.predictor = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
-        nn.init.normal_(self.predictor.weight, 0.0, 0.01)  # mmsegmentation's classifier initialisation
-        nn.init.zeros_(self.predictor.bias)
+        self.predictor = classifier(embed_dim, num_classes)
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
         head = cfg.MODEL.SEM_SEG_HEAD
-        missing = [name for name in head.IN_FEATURES if name not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURES = {list(head.IN_FEATURES)} is invalid: the backbone gives "
-                f"{sorted(input_shape)}, not {missing}"
-            )
         return {
-            "input_shape": {name: input_shape[name] for name in head.IN_FEATURES},
+            "input_shape": configured_inputs(head, input_shape),
             "num_classes": head.NUM_CLASSES,
             "embed_dim": head.CONVS_DIM,
             "common_stride": head.COMMON_STRIDE,

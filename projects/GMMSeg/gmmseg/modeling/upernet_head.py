@@ -27,38 +27,16 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
-from fvcore.nn import weight_init
 from torch import Tensor, nn
 
 from .gmm_head import pop_auxiliary_losses
+from .head_inputs import configured_inputs, sorted_in_features
+from .mmseg_layers import classifier, conv_norm_relu
 
 __all__ = ["AuxiliaryFCNHead", "PyramidPooling", "UPerNetHead"]
-
-
-def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, norm: str) -> Conv2d:
-    """mmcv's ``ConvModule``: conv (bias only without a norm), norm, ReLU; He (fan-out) initialisation."""
-    conv = Conv2d(
-        in_channels,
-        out_channels,
-        kernel_size=kernel_size,
-        padding=kernel_size // 2,
-        bias=norm == "",
-        norm=get_norm(norm, out_channels),
-        activation=F.relu,
-    )
-    weight_init.c2_msra_fill(conv)
-    return conv
-
-
-def _classifier(in_channels: int, num_classes: int) -> nn.Conv2d:
-    """A 1x1 classifier with mmsegmentation's initialisation (normal, std 0.01; zero bias)."""
-    classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1)
-    nn.init.normal_(classifier.weight, 0.0, 0.01)
-    nn.init.zeros_(classifier.bias)
-    return classifier
 
 
 def _upsample(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -96,7 +74,7 @@ class AuxiliaryFCNHead(nn.Module):
         super().__init__()
         self.conv = conv_norm_relu(in_channels, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = _classifier(channels, num_classes)
+        self.classifier = classifier(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.dropout(self.conv(x)))
@@ -126,16 +104,8 @@ class UPerNetHead(nn.Module):
         aux_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        if not input_shape:
-            raise ValueError("UPerNetHead needs an input feature (MODEL.SEM_SEG_HEAD.IN_FEATURES)")
-        finest = min(shape.stride for shape in input_shape.values())
-        if common_stride != finest:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.COMMON_STRIDE = {common_stride} is invalid: expected {finest}, the "
-                "stride of UPerNetHead's finest input (its logits are upsampled by it to the input)"
-            )
         # finest first, as the concatenation; the coarsest goes through the PPM
-        self.in_features = sorted(input_shape, key=lambda name: input_shape[name].stride)
+        self.in_features = sorted_in_features(input_shape, common_stride, "UPerNetHead")
         *lateral_names, coarsest = self.in_features
         self.common_stride = common_stride
         self.loss_weight = loss_weight
@@ -149,7 +119,7 @@ class UPerNetHead(nn.Module):
         )
         self.fuse = conv_norm_relu(len(self.in_features) * channels, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout)
-        self.predictor = _classifier(channels, num_classes)
+        self.predictor = classifier(channels, num_classes)
         self.aux_in_feature = aux_in_feature
         self.aux_loss_weight = aux_loss_weight
         self.aux_head: AuxiliaryFCNHead | None = None
@@ -164,19 +134,13 @@ class UPerNetHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
         head, upernet = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.UPERNET
-        missing = [name for name in head.IN_FEATURES if name not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURES = {list(head.IN_FEATURES)} is invalid: the backbone gives "
-                f"{sorted(input_shape)}, not {missing}"
-            )
         aux = upernet.AUX_IN_FEATURE
         if upernet.AUX_LOSS_WEIGHT > 0 and aux not in input_shape:
             raise ValueError(
                 f"MODEL.UPERNET.AUX_IN_FEATURE = {aux!r} is invalid: the backbone gives {sorted(input_shape)}"
             )
         return {
-            "input_shape": {name: input_shape[name] for name in head.IN_FEATURES},
+            "input_shape": configured_inputs(head, input_shape),
             "num_classes": head.NUM_CLASSES,
             "channels": head.CONVS_DIM,
             "common_stride": head.COMMON_STRIDE,

@@ -132,11 +132,7 @@ class D2HRNet(Backbone):
             branches = stage(inputs)
         return {name: out for name, out in zip(HRNET_FEATURES, branches) if name in self._out_feature_strides}
 
-    def output_shape(self) -> dict[str, ShapeSpec]:
-        return {
-            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
-            for name in self._out_features
-        }
+    # output_shape: Detectron2's Backbone default, from _out_features and their strides and channels
 
     @property
     def size_divisibility(self) -> int:
