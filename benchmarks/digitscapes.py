@@ -6,8 +6,8 @@ in what ``VARIANTS`` names): the class-balanced sampler (both heads), the author
 started full of random unit vectors), flat stds, no component loss, fast means, the decode head at the
 backbone's learning rate (both heads; the main job uses the authors' 10x), K = 1, vanilla EM, no memory,
 the discriminative GMM (back-propagation), GMMs fitted after softmax training, and DeepLab's bootstrapped
-loss (both heads); and the other architectures' DigitScapes pairs (FPN, SegFormer), same protocol. The
-variants are listed in ``variants.py``. GMM variants are scored with the paper's
+loss (both heads); and the other architectures' DigitScapes pairs (FPN, SegFormer, UperNet, OCRNet),
+same protocol. The variants are listed in ``variants.py``. GMM variants are scored with the paper's
 ``gmm`` score and with ``gmm_fullres`` (the same score on embeddings upsampled to the input resolution).
 
 Each variant runs ``train_net.py`` in ``OUTPUT/<variant>/`` (``OUTPUT/<variant>_seed<N>/`` for seeds other

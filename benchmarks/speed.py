@@ -47,9 +47,12 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PAIRS = (
     "digitscapes/deeplabv3plus_R18",
     "digitscapes/mask2former_R18",
+    "digitscapes/segformer_B0",
+    "digitscapes/upernet_R18",
+    "digitscapes/ocrnet_HRNetW18",
     "cityscapes/deeplabv3plus_R101",
 )
-SYNC_NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.SEM_SEG_HEAD.NORM", "MODEL.FPN.NORM")
+SYNC_NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.SEM_SEG_HEAD.NORM", "MODEL.FPN.NORM", "MODEL.HRNET.NORM")
 
 
 def load_model(config: Path, device: str, training: bool):

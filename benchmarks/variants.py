@@ -53,6 +53,10 @@ VARIANTS: dict[str, tuple[Path, list[str], str]] = {
     "fpn_gmmseg": (CONFIGS / "fpn_R18_gmmseg.yaml", [], "GMMSeg FPN R18"),
     "segformer_softmax": (CONFIGS / "segformer_B0_softmax.yaml", [], "softmax SegFormer MiT-B0"),
     "segformer_gmmseg": (CONFIGS / "segformer_B0_gmmseg.yaml", [], "GMMSeg SegFormer MiT-B0"),
+    "upernet_softmax": (CONFIGS / "upernet_R18_softmax.yaml", [], "softmax UperNet R18"),
+    "upernet_gmmseg": (CONFIGS / "upernet_R18_gmmseg.yaml", [], "GMMSeg UperNet R18"),
+    "ocrnet_softmax": (CONFIGS / "ocrnet_HRNetW18_softmax.yaml", [], "softmax OCRNet HRNet-W18-Small"),
+    "ocrnet_gmmseg": (CONFIGS / "ocrnet_HRNetW18_gmmseg.yaml", [], "GMMSeg OCRNet HRNet-W18-Small"),
 }  # fmt: skip
 HEADLINE = ("softmax", "gmmseg")
 HEADLINE = ("softmax", "gmmseg")
