@@ -60,18 +60,18 @@ def grouped_counts(
     """
     order = np.argsort(scores)
     s = scores[order]
+    changed = s[1:] != s[:-1]  # where a new score value (group) starts, from the second pixel on
     key = np.empty(s.size, dtype=np.int64)
     if s.size:
         key[0] = 0
-        np.cumsum(s[1:] != s[:-1], out=key[1:])
+        np.cumsum(changed, out=key[1:])
     num_groups = int(key[-1]) + 1 if s.size else 0
     key *= num_codes
     key += codes[order]
     counts = np.bincount(key, minlength=num_groups * num_codes).reshape(num_groups, num_codes)
     if return_values:
-        first = np.ones(s.size, dtype=bool)
-        first[1:] = s[1:] != s[:-1]
-        return counts[::-1], s[first][::-1]
+        values = s[np.concatenate(([True], changed))] if s.size else s
+        return counts[::-1], values[::-1]
     return counts[::-1]
 
 
