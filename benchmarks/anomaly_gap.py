@@ -4,7 +4,8 @@ Both models run on the same images through their own inference code (``Posterior
 every metric is ``gmmseg.evaluation.anomaly_metrics`` (exact, scikit-learn's tie handling) on a subset of
 the pooled non-void pixels, anomalies against known pixels. Scores: ``gmm`` (the paper's -max_c log p(x|c),
 scored on the head's stride-4 grid and upsampled), ``gmm_fullres`` (scored per input pixel on upsampled,
-re-normalised embeddings), and the softmax model's ``entropy`` and ``msp``. Subsets:
+re-normalised embeddings), ``gmm_mahalanobis`` (the distance to the nearest component in its own stds: the
+paper's score without the log-determinant terms), and the softmax model's ``entropy`` and ``msp``. Subsets:
 
 - all anomalies, and each family (DigitScapes: near = unseen digits 8/9, far = shapes) against all known;
 - per background: all anomalies against the known pixels of one class group only (``--groups``, default
@@ -48,7 +49,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-GMM_SCORES = ("gmm", "gmm_fullres")
+GMM_SCORES = ("gmm", "gmm_fullres", "gmm_mahalanobis")
 SOFTMAX_SCORES = ("entropy", "msp")
 SCORES = GMM_SCORES + SOFTMAX_SCORES
 FAMILIES = {1: "near", 2: "far"}

@@ -8,7 +8,8 @@ backbone's learning rate (both heads; the main job uses the authors' 10x), K = 1
 the discriminative GMM (back-propagation), GMMs fitted after softmax training, and DeepLab's bootstrapped
 loss (both heads); and the other architectures' DigitScapes pairs (FPN, SegFormer, UperNet, OCRNet),
 same protocol. The variants are listed in ``variants.py``. GMM variants are scored with the paper's
-``gmm`` score and with ``gmm_fullres`` (the same score on embeddings upsampled to the input resolution).
+``gmm`` score, with ``gmm_fullres`` (the same score on embeddings upsampled to the input resolution) and
+with ``gmm_mahalanobis`` (the same without the components' log-determinant terms).
 
 Each variant runs ``train_net.py`` in ``OUTPUT/<variant>/`` (``OUTPUT/<variant>_seed<N>/`` for seeds other
 than 0) and is evaluated on ``digitscapes_val`` (mIoU, ECE) and ``digitscapes_anomaly_val`` (AUROC / AP /
@@ -58,8 +59,8 @@ from variants import GMMSEG, HEADLINE, VARIANTS
 
 from gmmseg.evaluation.report import group_mean_iou
 
-# GMM variants are also scored at full resolution (the option beside the paper's stride-4 score)
-GMM_SCORES = ["TEST.ANOMALY_SCORES", "('gmm', 'gmm_fullres')"]
+# GMM variants are also scored by the options beside the paper's score (full resolution, no volume term)
+GMM_SCORES = ["TEST.ANOMALY_SCORES", "('gmm', 'gmm_fullres', 'gmm_mahalanobis')"]
 QUICK = [
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0",
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", "MODEL.GMM.MEMORY_PER_STEP", "5",
@@ -148,7 +149,7 @@ def rows_for(name: str, per_seed: dict[int, dict]) -> list[dict]:
     (``<metric>_seeds``, in the order of ``row["seeds"]``).
     """
     gmm_scores = is_gmm(name) or name == "softmax_posthoc_gmm"
-    scores = ["gmm", "gmm_fullres"] if gmm_scores else ["msp", "entropy"]
+    scores = ["gmm", "gmm_fullres", "gmm_mahalanobis"] if gmm_scores else ["msp", "entropy"]
     anomaly_keys = [set(m["digitscapes_anomaly_val"]["anomaly"]) for m in per_seed.values()]
     scores = [s for s in scores if all(f"{s}/AUROC" in keys for keys in anomaly_keys)]
     rows = []

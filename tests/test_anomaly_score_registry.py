@@ -18,6 +18,7 @@ from gmmseg.modeling.anomaly_scores import (
     ANOMALY_SCORES,
     CLASS_LIKELIHOOD,
     CLASS_LIKELIHOOD_FULLRES,
+    CLASS_LIKELIHOOD_MAHALANOBIS,
     LOGITS,
     MAHALANOBIS,
     MAPS,
@@ -34,7 +35,9 @@ from gmmseg.modeling.posthoc import MahalanobisStats, PosthocGMM
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "digitscapes"
-PER_PIXEL_GMM_HEAD = frozenset({LOGITS, CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_FULLRES})
+PER_PIXEL_GMM_HEAD = frozenset(
+    {LOGITS, CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_FULLRES, CLASS_LIKELIHOOD_MAHALANOBIS}
+)
 
 
 def _maps(keys, c: int = 5, h: int = 4, w: int = 6) -> dict[str, torch.Tensor]:
@@ -46,6 +49,7 @@ def test_the_registry_holds_every_score_of_the_config_comment():
     assert SCORE_NAMES == (
         "gmm",
         "gmm_fullres",
+        "gmm_mahalanobis",
         "gmm_assigned",
         "msp",
         "entropy",
@@ -76,10 +80,12 @@ def test_every_score_declares_its_needs_and_is_computed_from_them_alone(name):
 
 def test_scores_of_the_models_own_maps_are_those_maps():
     maps = _maps(MAPS)
-    scores = compute_scores(("gmm", "gmm_fullres", "mahalanobis", "max_logit"), maps)
-    assert list(scores) == ["gmm", "gmm_fullres", "mahalanobis", "max_logit"]
+    names = ("gmm", "gmm_fullres", "gmm_mahalanobis", "mahalanobis", "max_logit")
+    scores = compute_scores(names, maps)
+    assert list(scores) == list(names)
     assert scores["gmm"] is maps[CLASS_LIKELIHOOD] and scores["mahalanobis"] is maps[MAHALANOBIS]
     assert scores["gmm_fullres"] is maps[CLASS_LIKELIHOOD_FULLRES]
+    assert scores["gmm_mahalanobis"] is maps[CLASS_LIKELIHOOD_MAHALANOBIS]
     torch.testing.assert_close(scores["max_logit"], -maps[LOGITS].amax(0))
 
 
@@ -89,7 +95,7 @@ def test_scores_of_the_models_own_maps_are_those_maps():
         ({LOGITS}, ("msp", "entropy", "max_logit", "energy")),  # per-pixel softmax head
         (MASK_CLASSIFICATION_SOFTMAX_MAPS, ("msp", "entropy", "max_logit", "energy", "rba")),  # Mask2Former
         ({LOGITS, MAHALANOBIS}, ("msp", "entropy", "max_logit", "energy", "mahalanobis")),
-        (PER_PIXEL_GMM_HEAD, ("gmm",)),  # gmm_fullres only when named
+        (PER_PIXEL_GMM_HEAD, ("gmm",)),  # gmm_fullres, gmm_mahalanobis only when named
         (MASK_CLASSIFICATION_MAPS, ("gmm",)),  # GMMMaskFormer's query-likelihood score
         ({LOGITS, CLASS_LIKELIHOOD, MAHALANOBIS}, ("gmm",)),  # post-hoc GMM (+ Mahalanobis statistics)
     ],
@@ -109,7 +115,11 @@ def test_resolution_errors_name_the_key():
         resolve_scores(("gmm",), {LOGITS, MAHALANOBIS})
     with pytest.raises(ValueError, match="gmm_fullres.*per-pixel GMM head"):
         resolve_scores(("gmm", "gmm_fullres"), MASK_CLASSIFICATION_MAPS)
-    assert scores_needing_more_than(MASK_CLASSIFICATION_MAPS) == ("gmm_fullres", "mahalanobis")
+    assert scores_needing_more_than(MASK_CLASSIFICATION_MAPS) == (
+        "gmm_fullres",
+        "gmm_mahalanobis",
+        "mahalanobis",
+    )
 
 
 def _cfg(config: str, *opts):
@@ -133,14 +143,14 @@ def test_config_validation_names_the_key(opts, key, expected):
     assert info.value.key == key and str(info.value).startswith(key)
 
 
-@pytest.mark.parametrize("score", ["gmm_fullres", "mahalanobis"])
+@pytest.mark.parametrize("score", ["gmm_fullres", "gmm_mahalanobis", "mahalanobis"])
 def test_mask_classification_refuses_per_pixel_scores_by_the_key(score, tmp_path):
     pytest.importorskip("mask2former")
     stats = tmp_path / "stats.pth"
     MahalanobisStats(torch.zeros(4, 2), torch.eye(2)).save(str(stats))
     opts = ["TEST.MAHALANOBIS_STATS", str(stats)] if score == "mahalanobis" else []
     cfg = _cfg("mask2former_R18_gmmseg.yaml", "TEST.ANOMALY_SCORES", f"['gmm', '{score}']", *opts)
-    with pytest.raises(ConfigValueError, match="'gmm_fullres' or 'mahalanobis'") as info:
+    with pytest.raises(ConfigValueError, match="'gmm_fullres', 'gmm_mahalanobis' or 'mahalanobis'") as info:
         validate_gmmseg_config(cfg)
     assert info.value.key == "TEST.ANOMALY_SCORES"
 
@@ -212,7 +222,7 @@ def test_post_hoc_maps_are_computed_only_when_a_score_reads_them():
     gmm = PosthocGMM(torch.randn(5, 2, 3), torch.ones(5, 2, 3))
     posthoc = _model(posthoc_gmm=gmm, mahalanobis_stats=stats)
     assert posthoc.anomaly_score_names == ("gmm",) and posthoc.posthoc_models == [gmm]
-    assert not posthoc.fullres_anomaly
+    assert not posthoc.head_extra_maps
 
 
 def test_post_hoc_models_need_a_predictor_layer():
@@ -223,18 +233,25 @@ def test_post_hoc_models_need_a_predictor_layer():
 
 
 @pytest.mark.parametrize(
-    "config, opts, expected",
+    "config, opts, expected, extra_maps",
     [
-        ("deeplabv3plus_R18_softmax.yaml", [], ("msp", "entropy", "max_logit", "energy")),
-        ("deeplabv3plus_R18_gmmseg.yaml", [], ("gmm",)),
+        ("deeplabv3plus_R18_softmax.yaml", [], ("msp", "entropy", "max_logit", "energy"), set()),
+        ("deeplabv3plus_R18_gmmseg.yaml", [], ("gmm",), set()),
         (
             "fpn_R18_gmmseg.yaml",
             ["TEST.ANOMALY_SCORES", "['gmm_fullres', 'energy']"],
             ("gmm_fullres", "energy"),
+            {"anomaly_fullres"},
+        ),
+        (
+            "deeplabv3plus_R18_gmmseg.yaml",
+            ["TEST.ANOMALY_SCORES", "['gmm', 'gmm_mahalanobis']"],
+            ("gmm", "gmm_mahalanobis"),
+            {"anomaly_mahalanobis"},
         ),
     ],
 )
-def test_built_models_get_their_defaults(config, opts, expected):
+def test_built_models_get_their_defaults(config, opts, expected, extra_maps):
     model = build_model(_cfg(config, *opts))
     assert model.anomaly_score_names == expected
-    assert model.fullres_anomaly == ("gmm_fullres" in expected)
+    assert model.head_extra_maps == extra_maps

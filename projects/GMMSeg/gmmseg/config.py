@@ -43,9 +43,11 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.TEST.CALIBRATION_BINS = 15
     # Per-pixel anomaly scores to evaluate (all from the same forward pass): any of "gmm" (GMM heads),
     # "gmm_fullres" (per-pixel GMM heads: -max_c log p(x|c) scored per input pixel on the upsampled,
-    # re-normalised embeddings, not upsampled from stride 4), "gmm_assigned" (GMMMaskFormer: the likelihood
-    # of the query that claims the pixel), "msp", "entropy", "max_logit", "energy", "rba" (Mask2Former:
-    # Rejected by All, -sum_c tanh(s_c)), "mahalanobis". Empty: "gmm" for GMM heads; the four logit-based
+    # re-normalised embeddings, not upsampled from stride 4), "gmm_mahalanobis" (per-pixel GMM heads: the
+    # distance to the nearest component in its own stds, "gmm" without the log-determinant terms: not the
+    # paper's), "gmm_assigned" (GMMMaskFormer: the likelihood of the query that claims the pixel), "msp",
+    # "entropy", "max_logit", "energy", "rba" (Mask2Former: Rejected by All, -sum_c tanh(s_c)),
+    # "mahalanobis". Empty: "gmm" for GMM heads; the four logit-based
     # ones (+ "rba" for Mask2Former, + "mahalanobis" when MAHALANOBIS_STATS is set) for softmax heads. The
     # scores, what each needs and these defaults are declared once, in gmmseg/modeling/anomaly_scores.py.
     cfg.TEST.ANOMALY_SCORES = []

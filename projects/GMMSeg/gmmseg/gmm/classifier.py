@@ -121,6 +121,19 @@ class GaussianMixtureClassifier(nn.Module):
         """Class scores ``(..., C)``, usable as logits for cross-entropy."""
         return self.class_log_prob(x)
 
+    @float32_region
+    def half_mahalanobis(self, component_log_prob: Tensor) -> Tensor:
+        """``0.5 * sum_d ((x_d - mu_ckd) / s_ckd)^2`` (..., C, K) from the log-likelihoods (..., C, K).
+
+        That is ``log N`` without its normalising constant ``-sum_d log s_ckd - D/2 log 2 pi``. Up to the
+        constant ``D/2`` it is how far ``log N(x)`` falls below the mean log-likelihood of the component's
+        own samples, so a broad component is not penalised for its volume (a typicality test per
+        component). Never negative: the log-likelihoods are clamped at the constant."""
+        _, stds = self.parameters_in_use()
+        stds = stds.to(component_log_prob.dtype)
+        log_norm = -stds.log().sum(dim=-1) - 0.5 * self.dim * math.log(2.0 * math.pi)
+        return (log_norm - component_log_prob).clamp_min(0.0)
+
     def anomaly_score(self, x: Tensor) -> Tensor:
         """``-max_c log p(x | c)`` ``(...)``: high where no class explains the feature."""
         return -self.class_log_prob(x).amax(dim=-1)

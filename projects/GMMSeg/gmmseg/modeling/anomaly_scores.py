@@ -10,6 +10,9 @@ compared on exactly the same pixels:
   ownership) or a post-hoc GMM fitted to a softmax model's penultimate features (``TEST.POSTHOC_GMM``);
 - ``anomaly_fullres`` (H, W): the same scored per input pixel, on the embeddings upsampled and put back on
   the unit sphere (``GMMPredictor.fullres_anomaly_map``): per-pixel GMM heads, computed only when asked;
+- ``anomaly_mahalanobis`` (H, W): ``min_{c,k} 0.5 ||(x - mu_ck) / s_ck||^2``, the class likelihood without
+  the components' log-determinant terms (``GMMPredictor.mahalanobis_anomaly_map``): per-pixel GMM heads,
+  computed only when asked;
 - ``anomaly_assigned`` (H, W): GMMMaskFormer's query likelihood of the one query that claims each pixel
   (hard ownership, ``mask_anomaly.assigned_query_anomaly``);
 - ``rba`` (H, W): "Rejected by All" of a Mask2Former's class scores (``mask_anomaly.rejected_by_all``);
@@ -37,6 +40,7 @@ __all__ = [
     "CLASS_LIKELIHOOD",
     "CLASS_LIKELIHOOD_ASSIGNED",
     "CLASS_LIKELIHOOD_FULLRES",
+    "CLASS_LIKELIHOOD_MAHALANOBIS",
     "DISCRIMINATIVE",
     "GENERATIVE",
     "LOGITS",
@@ -60,6 +64,7 @@ LOGITS = "logits"
 CLASS_LIKELIHOOD = "anomaly"
 CLASS_LIKELIHOOD_FULLRES = "anomaly_fullres"
 CLASS_LIKELIHOOD_ASSIGNED = "anomaly_assigned"
+CLASS_LIKELIHOOD_MAHALANOBIS = "anomaly_mahalanobis"
 REJECTED_BY_ALL = "rba"
 MAHALANOBIS = "mahalanobis"
 # the maps a score may need, and what gives each (the module docstring says more)
@@ -67,6 +72,7 @@ MAPS: dict[str, str] = {
     LOGITS: "every model",
     CLASS_LIKELIHOOD: "a GMM head, GMMMaskFormer or TEST.POSTHOC_GMM",
     CLASS_LIKELIHOOD_FULLRES: "a per-pixel GMM head, when asked",
+    CLASS_LIKELIHOOD_MAHALANOBIS: "a per-pixel GMM head, when asked",
     CLASS_LIKELIHOOD_ASSIGNED: "GMMMaskFormer, when asked",
     REJECTED_BY_ALL: "a Mask2Former (PosteriorMaskFormer, GMMMaskFormer), when asked",
     MAHALANOBIS: "a softmax head's penultimate features and TEST.MAHALANOBIS_STATS",
@@ -160,6 +166,13 @@ for _score in (
         (CLASS_LIKELIHOOD_FULLRES,),
         _map(CLASS_LIKELIHOOD_FULLRES),
         requirement=f"the 'gmm_fullres' anomaly score needs a per-pixel GMM head ({_GMM_HEADS})",
+    ),
+    # not the paper's score: an option for classes whose fitted volumes differ (README, the anomaly gap)
+    AnomalyScore(
+        "gmm_mahalanobis",
+        (CLASS_LIKELIHOOD_MAHALANOBIS,),
+        _map(CLASS_LIKELIHOOD_MAHALANOBIS),
+        requirement=f"the 'gmm_mahalanobis' anomaly score needs a per-pixel GMM head ({_GMM_HEADS})",
     ),
     AnomalyScore(
         "gmm_assigned",

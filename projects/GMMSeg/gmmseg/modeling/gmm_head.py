@@ -15,14 +15,17 @@ parameter names do not change (``sem_seg_head.<decoder...>``, ``sem_seg_head.gmm
 The converted head returns, in training, ``(None, {"loss_sem_seg", "loss_gmm_component"})`` (and the
 head's auxiliary losses, if it has any: contract point 5); at inference
 ``({"logits": (N, C, H, W), "anomaly": (N, H, W)}, {})`` at the padded input resolution, which
-``PosteriorSemanticSegmentor`` turns into ``sem_seg`` posteriors and an ``anomaly`` map per image. Called
-with ``fullres_anomaly=True`` (the ``gmm_fullres`` score) the dict also holds ``"anomaly_fullres"``
-(N, H, W): ``-max_c log p(x|c)`` scored per input pixel on the upsampled, re-normalised embeddings
-(``GMMPredictor.fullres_anomaly_map``) rather than scored at stride ``common_stride`` and upsampled.
+``PosteriorSemanticSegmentor`` turns into ``sem_seg`` posteriors and an ``anomaly`` map per image. The
+optional maps (``OPTIONAL_MAPS``) are computed only when named in ``extra_maps``: ``"anomaly_fullres"``
+(N, H, W), ``-max_c log p(x|c)`` scored per input pixel on the upsampled, re-normalised embeddings
+(``GMMPredictor.fullres_anomaly_map``) rather than scored at stride ``common_stride`` and upsampled
+(the ``gmm_fullres`` score); ``"anomaly_mahalanobis"`` (N, H, W), the distance to the nearest component
+in its own stds (``GMMPredictor.mahalanobis_anomaly_map``, the ``gmm_mahalanobis`` score).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Callable
 
 import torch.nn.functional as F
@@ -31,9 +34,11 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_sem_seg_head as build_registered_head
 from torch import Tensor, nn
 
+from .anomaly_scores import CLASS_LIKELIHOOD_FULLRES, CLASS_LIKELIHOOD_MAHALANOBIS
 from .gmm_predictor import GMMPredictor
 
 __all__ = [
+    "OPTIONAL_MAPS",
     "DecoderTap",
     "GMMHead",
     "attach_gmm_predictor",
@@ -43,6 +48,10 @@ __all__ = [
     "gmm_head_class",
     "pop_auxiliary_losses",
 ]
+
+
+# the maps a GMM head computes only when asked (``GMMHead.forward``'s ``extra_maps``)
+OPTIONAL_MAPS = frozenset({CLASS_LIKELIHOOD_FULLRES, CLASS_LIKELIHOOD_MAHALANOBIS})
 
 
 class DecoderFeatures(Exception):
@@ -106,7 +115,11 @@ class GMMHead(nn.Module):
         )
 
     def forward(
-        self, features: dict[str, Tensor], targets: Tensor | None = None, *, fullres_anomaly: bool = False
+        self,
+        features: dict[str, Tensor],
+        targets: Tensor | None = None,
+        *,
+        extra_maps: Collection[str] = (),
     ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
         outputs = self.gmm_predictor(self.decoder_features(features, targets))
         auxiliary = pop_auxiliary_losses(self)
@@ -120,15 +133,21 @@ class GMMHead(nn.Module):
             if clash:
                 raise KeyError(f"{type(self).__name__}.auxiliary_losses reuses the GMM losses' names {clash}")
             return None, {**losses, **auxiliary}
-        anomaly = F.interpolate(
-            GMMPredictor.anomaly_map(outputs)[:, None],
-            scale_factor=self.common_stride,
-            mode="bilinear",
-            align_corners=False,
-        )
-        maps = {"logits": logits, "anomaly": anomaly[:, 0]}
-        if fullres_anomaly:  # only when asked: it scores H x W pixels instead of H/s x W/s
-            maps["anomaly_fullres"] = self.gmm_predictor.fullres_anomaly_map(
+        unknown = sorted(set(extra_maps) - OPTIONAL_MAPS)
+        if unknown:
+            raise ValueError(
+                f"unknown optional GMM head maps {unknown}; expected some of {sorted(OPTIONAL_MAPS)}"
+            )
+        grid_maps = {"anomaly": GMMPredictor.anomaly_map(outputs)}
+        if CLASS_LIKELIHOOD_MAHALANOBIS in extra_maps:
+            grid_maps[CLASS_LIKELIHOOD_MAHALANOBIS] = self.gmm_predictor.mahalanobis_anomaly_map(outputs)
+        maps = {"logits": logits}
+        for key, value in grid_maps.items():  # scored on the stride-s grid, upsampled as the logits
+            maps[key] = F.interpolate(
+                value[:, None], scale_factor=self.common_stride, mode="bilinear", align_corners=False
+            )[:, 0]
+        if CLASS_LIKELIHOOD_FULLRES in extra_maps:  # it scores H x W pixels instead of H/s x W/s
+            maps[CLASS_LIKELIHOOD_FULLRES] = self.gmm_predictor.fullres_anomaly_map(
                 outputs["embeddings"], tuple(logits.shape[-2:])
             )
         return maps, {}

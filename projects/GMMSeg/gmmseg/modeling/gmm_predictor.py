@@ -229,6 +229,16 @@ class GMMPredictor(GMMPredictorBase):
         normalisation across classes)."""
         return -outputs["class_log_prob"].amax(dim=-1)
 
+    def mahalanobis_anomaly_map(self, outputs: dict[str, Tensor]) -> Tensor:
+        """(N, H, W) ``min_{c,k} 0.5 * ||(x - mu_ck) / s_ck||^2``: the ``gmm_mahalanobis`` score, the
+        paper's ``-max_c log p(x|c)`` without each component's log-determinant (volume) term.
+
+        Why an option: a class whose fitted stds are broader (sky on some seeds) has a smaller
+        log-determinant, so even its typical pixels get a lower ``log p(x|c)`` and rank with anomalies;
+        the distance in units of each component's own stds compares a pixel with what that component
+        expects of its samples (``GaussianMixtureClassifier.half_mahalanobis``)."""
+        return self.gmm.half_mahalanobis(outputs["component_log_prob"]).flatten(-2).amin(dim=-1)
+
     @torch.no_grad()
     def fullres_class_log_prob(
         self,

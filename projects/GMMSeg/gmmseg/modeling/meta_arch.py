@@ -10,8 +10,8 @@ contract. Per image, at the input's original resolution:
 - ``anomaly_scores``: {name: (H, W)} the scores named by ``TEST.ANOMALY_SCORES``, all from the same forward
   pass. Which scores exist, what each needs, and which a model gets by default is ``anomaly_scores.py``;
   a model says which maps it gives (``head_maps`` and its post-hoc models), and computes the costly or
-  optional ones (``gmm_fullres``, ``mahalanobis``, Mask2Former's ``rba``, ``gmm_assigned``) only when a
-  score reads them.
+  optional ones (``gmm_fullres``, ``gmm_mahalanobis``, ``mahalanobis``, Mask2Former's ``rba``,
+  ``gmm_assigned``) only when a score reads them.
 
 With ``TEST.POSTHOC_GMM`` (``tools/fit_posthoc_gmm.py``) a softmax model's classifier is replaced by GMMs
 fitted to its penultimate features after training: posteriors and the ``gmm`` score come from them. The
@@ -33,12 +33,13 @@ from torch import Tensor, nn
 from .anomaly_scores import (
     CLASS_LIKELIHOOD,
     CLASS_LIKELIHOOD_FULLRES,
+    CLASS_LIKELIHOOD_MAHALANOBIS,
     LOGITS,
     compute_scores,
     maps_needed,
     resolve_scores,
 )
-from .gmm_head import convert_head_to_gmm
+from .gmm_head import OPTIONAL_MAPS, convert_head_to_gmm
 from .gmm_predictor import GMMPredictor
 from .penultimate import PenultimateFeatures, penultimate_layer
 from .posthoc import MahalanobisStats, PosthocGMM
@@ -81,8 +82,8 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         needed = maps_needed(self.anomaly_score_names)
         # the maps the scores read: a model computes its optional ones (Mask2Former's) only when in here
         self.needed_maps = needed
-        # the head scores full-resolution pixels only when asked (H x W x C x K log-likelihoods)
-        self.fullres_anomaly = CLASS_LIKELIHOOD_FULLRES in needed
+        # a GMM head's optional maps, computed only when a score reads them (gmm_head.OPTIONAL_MAPS)
+        self.head_extra_maps = needed & OPTIONAL_MAPS
         # post-hoc models run when their maps are read; one that replaces the classifier, always
         self.posthoc_models = [m for m in posthoc if m.replaces_classifier or set(m.maps) & needed]
         self._penultimate: PenultimateFeatures | None = None
@@ -120,7 +121,9 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         """The maps (``anomaly_scores.MAPS``) the head gives at inference: logits, and a per-pixel GMM
         head's class-likelihood maps."""
         if isinstance(getattr(self.sem_seg_head, "gmm_predictor", None), GMMPredictor):
-            return frozenset({LOGITS, CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_FULLRES})
+            return frozenset(
+                {LOGITS, CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_FULLRES, CLASS_LIKELIHOOD_MAHALANOBIS}
+            )
         return frozenset({LOGITS})
 
     def penultimate_layer(self) -> nn.Module | None:
@@ -167,8 +170,8 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         """Backbone + head on a normalised (N, 3, h, w) batch: logits (N, C, h, w) and the other maps the
         scores need (N, h, w), all at the batch's resolution."""
         backbone_features = self.backbone(images)
-        if self.fullres_anomaly:
-            head_out, _ = self.sem_seg_head(backbone_features, fullres_anomaly=True)
+        if self.head_extra_maps:
+            head_out, _ = self.sem_seg_head(backbone_features, extra_maps=self.head_extra_maps)
         else:
             head_out, _ = self.sem_seg_head(backbone_features)
         maps = dict(head_out) if isinstance(head_out, dict) else {LOGITS: head_out}
