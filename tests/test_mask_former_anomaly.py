@@ -24,7 +24,14 @@ from gmmseg.modeling.anomaly_scores import (
     default_scores,
     resolve_scores,
 )
-from gmmseg.modeling.mask_anomaly import assigned_query_anomaly, rejected_by_all
+from gmmseg.modeling.mask_anomaly import (
+    OWNERSHIP_FLOOR,
+    assigned_query_anomaly,
+    mask_weighted_sums,
+    ownership_anomaly_from_sums,
+    ownership_columns,
+    rejected_by_all,
+)
 from gmmseg.modeling.mask_former import mask_classification_anomaly, mask_classification_scores
 
 SOFTMAX_SCORES = ("msp", "entropy", "max_logit", "energy", "rba")
@@ -211,3 +218,20 @@ def test_eval_only_smoke_through_the_anomaly_evaluator(kind, scores, tmp_path):
     assert [row[4] for row in rows] == list(scores)
     report = (tmp_path / "eval" / "anomaly_evaluation.json").read_text()
     assert all(f'"{s}/AP"' in report for s in scores)
+
+
+def test_one_pass_sums_equal_the_separate_maps():
+    """``mask_weighted_sums`` gives the semantic scores and the ownership sums of one einsum; the soft-
+    ownership anomaly made from them equals the float64 definition (weights normalised per pixel)."""
+    g = torch.Generator().manual_seed(3)
+    mask_cls, mask_pred = torch.randn(2, 6, 5, generator=g), 4 * torch.randn(2, 6, 9, 11, generator=g)
+    query_score = 40 + 10 * torch.randn(2, 6, generator=g)
+    scores, sums = mask_weighted_sums(mask_cls, mask_pred, ownership_columns(mask_cls, query_score))
+    torch.testing.assert_close(scores, mask_classification_scores(mask_cls, mask_pred))
+    assert mask_weighted_sums(mask_cls, mask_pred)[1] is None
+    probs = torch.softmax(mask_cls.double(), -1)
+    weights = (1 - probs[..., -1])[..., None, None] * mask_pred.double().sigmoid() + OWNERSHIP_FLOOR
+    expected = -(weights / weights.sum(1, keepdim=True) * query_score.double()[..., None, None]).sum(1)
+    fused = ownership_anomaly_from_sums(sums, query_score)
+    torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused, mask_classification_anomaly(mask_cls, mask_pred, query_score))

@@ -3,7 +3,7 @@
 A mask-classification model classifies queries, not pixels: query q has class logits ``z_q`` (C real
 classes + no object, last) and a mask ``m_q(x)``. Every map here is computed from those, at the input's
 resolution, on the same forward pass as the semantic scores ``s_c(x) = sum_q p(c|q) sigmoid(m_q(x))``
-(``mask_former.mask_classification_scores``). Higher = more anomalous.
+(``mask_classification_scores``). Higher = more anomalous.
 
 - ``mask_classification_anomaly`` (score ``gmm``, GMMMaskFormer, the default): the query likelihoods
   ``max_{c<C} log p(e_q|c)`` carried to the pixel by its soft ownership ``pi_q(x)`` (below).
@@ -37,6 +37,10 @@ __all__ = [
     "OWNERSHIP_FLOOR",
     "assigned_query_anomaly",
     "mask_classification_anomaly",
+    "mask_classification_scores",
+    "mask_weighted_sums",
+    "ownership_anomaly_from_sums",
+    "ownership_columns",
     "ownership_log_weights",
     "rejected_by_all",
 ]
@@ -51,10 +55,51 @@ def _object_log_prob(mask_cls: Tensor) -> Tensor:
     return torch.logsumexp(logits[..., :-1], dim=-1) - torch.logsumexp(logits, dim=-1)
 
 
+def mask_classification_scores(mask_cls: Tensor, mask_pred: Tensor) -> Tensor:
+    """Mask2Former's semantic scores ``sum_q p(c|q) sigmoid(m_q)``: (B, Q, C+1) logits and (B, Q, H, W)
+    mask logits -> (B, C, H, W)."""
+    return mask_weighted_sums(mask_cls, mask_pred)[0]
+
+
+def mask_weighted_sums(
+    mask_cls: Tensor, mask_pred: Tensor, extra_columns: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """The semantic scores (``mask_classification_scores``) and the mask-weighted sums ``sum_q
+    sigmoid(m_q) v_q`` (B, E, H, W) of the (B, Q, E) ``extra_columns`` (None without), in one pass over
+    the (B, Q, H, W) masks: the sigmoid and the product are the costly part of mask inference."""
+    probs = F.softmax(mask_cls.float(), dim=-1)[..., :-1]
+    classes = probs.shape[-1]
+    if extra_columns is not None:
+        probs = torch.cat([probs, extra_columns.float()], dim=-1)
+    sums = torch.einsum("bqc,bqhw->bchw", probs, mask_pred.float().sigmoid())
+    return sums[:, :classes], (sums[:, classes:] if extra_columns is not None else None)
+
+
 def ownership_log_weights(mask_cls: Tensor, mask_pred: Tensor) -> Tensor:
     """(B, Q, H, W) ``log w_q(x)``, ``w_q(x) = (1 - p(no object|q)) sigmoid(m_q(x))``: Mask2Former's
     query weighting in semantic inference. In log space so that extreme mask logits never tie at 0."""
     return _object_log_prob(mask_cls)[..., None, None] + F.logsigmoid(mask_pred.float())
+
+
+def ownership_columns(mask_cls: Tensor, query_score: Tensor) -> Tensor:
+    """(B, Q, 2) per-query columns ``[o_q s_q, o_q]``, ``o_q = 1 - p(no object|q)``, ``s_q`` the query
+    score: their mask-weighted sums over the queries, ``sum_q sigmoid(m_q(x)) [o_q s_q, o_q]``, are all
+    the soft-ownership anomaly needs (``ownership_anomaly_from_sums``). Mask2Former's semantic inference
+    sums ``p(c|q)`` with the same mask weights, so the two share one pass over the (B, Q, H, W) masks
+    (``GMMMaskFormer``)."""
+    object_prob = 1.0 - F.softmax(mask_cls.float(), dim=-1)[..., -1]
+    return torch.stack([object_prob * query_score.float(), object_prob], dim=-1)
+
+
+def ownership_anomaly_from_sums(sums: Tensor, query_score: Tensor) -> Tensor:
+    """(B, H, W) ``-sum_q pi_q(x) s_q`` from the (B, 2, H, W) mask-weighted sums of ``ownership_columns``:
+    with ``w_q = o_q sigmoid(m_q) + OWNERSHIP_FLOOR`` it is ``-(sum_q o_q sigmoid(m_q) s_q + floor sum_q
+    s_q) / (sum_q o_q sigmoid(m_q) + floor Q)``."""
+    score = query_score.float()
+    floor_numerator = (OWNERSHIP_FLOOR * score.sum(dim=1))[:, None, None]
+    numerator = sums[:, 0] + floor_numerator
+    denominator = sums[:, 1] + OWNERSHIP_FLOOR * score.shape[1]
+    return -numerator / denominator
 
 
 def mask_classification_anomaly(mask_cls: Tensor, mask_pred: Tensor, query_score: Tensor) -> Tensor:
@@ -63,10 +108,9 @@ def mask_classification_anomaly(mask_cls: Tensor, mask_pred: Tensor, query_score
 
     Queries rejected as "no object" do not dilute the score, and an object that no class mixture
     explains, claimed by a query with an unlikely embedding, scores high (``mask_former`` docstring)."""
-    object_prob = 1.0 - F.softmax(mask_cls.float(), dim=-1)[..., -1]
-    weights = object_prob[..., None, None] * mask_pred.float().sigmoid() + OWNERSHIP_FLOOR
-    ownership = weights / weights.sum(dim=1, keepdim=True)
-    return -torch.einsum("bqhw,bq->bhw", ownership, query_score.float())
+    columns = ownership_columns(mask_cls, query_score)
+    sums = torch.einsum("bqk,bqhw->bkhw", columns, mask_pred.float().sigmoid())
+    return ownership_anomaly_from_sums(sums, query_score)
 
 
 def assigned_query_anomaly(mask_cls: Tensor, mask_pred: Tensor, query_score: Tensor) -> Tensor:

@@ -69,6 +69,10 @@ from .mask_anomaly import (
     OWNERSHIP_FLOOR,
     assigned_query_anomaly,
     mask_classification_anomaly,
+    mask_classification_scores,
+    mask_weighted_sums,
+    ownership_anomaly_from_sums,
+    ownership_columns,
     rejected_by_all,
 )
 from .meta_arch import PosteriorSemanticSegmentor
@@ -82,6 +86,7 @@ __all__ = [
     "PosteriorMaskFormer",
     "mask_classification_anomaly",
     "mask_classification_scores",
+    "mask_weighted_sums",
 ]
 
 
@@ -182,13 +187,6 @@ class MaskFormerCriterion(SetCriterion):
 
     def forward(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         return self.match_and_losses(outputs, targets)[0]
-
-
-def mask_classification_scores(mask_cls: Tensor, mask_pred: Tensor) -> Tensor:
-    """Mask2Former's semantic scores ``sum_q p(c|q) sigmoid(m_q)``: (B, Q, C+1) logits and (B, Q, H, W)
-    mask logits -> (B, C, H, W)."""
-    probs = F.softmax(mask_cls.float(), dim=-1)[..., :-1]
-    return torch.einsum("bqc,bqhw->bchw", probs, mask_pred.float().sigmoid())
 
 
 @META_ARCH_REGISTRY.register()
@@ -316,14 +314,22 @@ class PosteriorMaskFormer(PosteriorSemanticSegmentor):
         mask_pred = F.interpolate(
             outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False
         )
-        scores = mask_classification_scores(outputs["pred_logits"], mask_pred)
+        scores, sums = mask_weighted_sums(outputs["pred_logits"], mask_pred, self.aggregated_columns(outputs))
         maps = {LOGITS: torch.log(scores.clamp_min(torch.finfo(scores.dtype).tiny))}
-        maps.update(self.extra_maps(outputs, mask_pred, scores))
+        maps.update(self.extra_maps(outputs, mask_pred, scores, sums))
         return maps
 
-    def extra_maps(self, outputs: dict[str, Any], mask_pred: Tensor, scores: Tensor) -> dict[str, Tensor]:
-        """Further (B, H, W) maps from the decoder outputs, the upsampled mask logits and the semantic
-        scores ``s_c`` (B, C, H, W) of the same pass: RbA when a score reads it."""
+    def aggregated_columns(self, outputs: dict[str, Any]) -> Tensor | None:
+        """(B, Q, E) per-query values whose mask-weighted sums ``extra_maps`` needs, summed in the same pass
+        as the semantic scores (None: none)."""
+        return None
+
+    def extra_maps(
+        self, outputs: dict[str, Any], mask_pred: Tensor, scores: Tensor, sums: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Further (B, H, W) maps from the decoder outputs, the upsampled mask logits, the semantic scores
+        ``s_c`` (B, C, H, W) and the sums of ``aggregated_columns`` of the same pass: RbA when a score
+        reads it."""
         if REJECTED_BY_ALL in self.needed_maps:
             return {REJECTED_BY_ALL: rejected_by_all(scores)}
         return {}
@@ -367,12 +373,18 @@ class GMMMaskFormer(PosteriorMaskFormer):
         )
         return self.gmm_predictor.losses(outputs["gmm"], query_labels.to(outputs["pred_logits"].device))
 
-    def extra_maps(self, outputs, mask_pred, scores):
-        """The softmax model's maps, the ``anomaly`` map always (``sem_seg``'s companion, as for GMM heads)
-        and the claiming query's likelihood when a score reads it."""
-        maps = super().extra_maps(outputs, mask_pred, scores)
+    def aggregated_columns(self, outputs):
+        """The soft-ownership anomaly's per-query columns (``ownership_columns``): summed with the semantic
+        scores, one pass over the masks instead of two."""
+        return ownership_columns(outputs["pred_logits"], self.gmm_predictor.object_log_prob(outputs["gmm"]))
+
+    def extra_maps(self, outputs, mask_pred, scores, sums):
+        """The softmax model's maps, the ``anomaly`` map always (``sem_seg``'s companion, as for GMM heads;
+        ``mask_classification_anomaly`` from the sums of ``aggregated_columns``) and the claiming query's
+        likelihood when a score reads it."""
+        maps = super().extra_maps(outputs, mask_pred, scores, sums)
         mask_cls, query_score = outputs["pred_logits"], self.gmm_predictor.object_log_prob(outputs["gmm"])
-        maps[CLASS_LIKELIHOOD] = mask_classification_anomaly(mask_cls, mask_pred, query_score)
+        maps[CLASS_LIKELIHOOD] = ownership_anomaly_from_sums(sums, query_score)
         if CLASS_LIKELIHOOD_ASSIGNED in self.needed_maps:
             maps[CLASS_LIKELIHOOD_ASSIGNED] = assigned_query_anomaly(mask_cls, mask_pred, query_score)
         return maps
