@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny datasets written in the project's on-disk format."""
+"""Shared fixtures: tiny datasets written in the project's on-disk format and in SegmentMeIfYouCan's."""
 
 from __future__ import annotations
 
@@ -58,6 +58,109 @@ def write_folder_dataset(
 def unique_name() -> str:
     """A dataset name no other test registers (Detectron2's catalogs are process-global)."""
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+SMIYC = (
+    "AnomalyTrack-validation",
+    "ObstacleTrack-validation",
+    "LostAndFound-testNoKnown",
+    "FishyLAFAnomaly-val",
+)
+SMIYC_H, SMIYC_W = 24, 32
+# a tiny GMMSeg model with Cityscapes' 19 classes for the SMIYC fixtures (24x32 images read at 32 px; the
+# config's component filters, 2 / 0 px, suit such images); randomly initialised unless MODEL.WEIGHTS is added
+SMIYC_MODEL_CONFIG = (
+    Path(__file__).resolve().parent.parent / "configs/digitscapes/deeplabv3plus_R18_gmmseg.yaml"
+)
+SMIYC_MODEL_OPTS = [
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+    "19",
+    "INPUT.MIN_SIZE_TEST",
+    "32",
+    "DATASETS.TRAIN",
+    "()",
+    "TEST.ANOMALY_EVAL_MODE",
+    "exact",
+]
+SMIYC_LAF_FRAMES = {
+    "test": (
+        "01_Hanns_Klemm_Str_45_000006_000100",
+        "04_Maurener_Weg_8_000000_000030",
+        "02_Hanns_Klemm_Str_44_000001_000040",
+    ),
+    "train": ("13_Elly_Beinhorn_Str_000000_000050",),
+}
+
+
+def _smiyc_image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(seed).integers(0, 256, (SMIYC_H, SMIYC_W, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+
+
+def _smiyc_labels(path: Path, values: tuple[int, ...] = (0, 1, 255), shift: int = 0) -> np.ndarray:
+    """An 8x10 object (``shift`` rows down: frames differ), void bottom rows, and with a fourth value an
+    extra 4x6 patch of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lab = np.full((SMIYC_H, SMIYC_W), values[0], np.uint8)
+    lab[4 + shift : 12 + shift, 6:16] = values[1]
+    lab[-3:] = values[2]
+    if len(values) > 3:
+        lab[14:18, 20:26] = values[3]
+    Image.fromarray(lab).save(path)
+    return lab
+
+
+def write_anomaly_track(root: Path) -> None:
+    """SMIYC's RoadAnomaly21 layout: two validation frames and a test frame without labels."""
+    base = root / "dataset_AnomalyTrack"
+    for i, fid in enumerate(("validation0000", "validation0001", "cow0000")):
+        _smiyc_image(base / "images" / f"{fid}.jpg", seed=i)
+        if fid.startswith("validation"):
+            _smiyc_labels(base / "labels_masks" / f"{fid}_labels_semantic.png", shift=i)
+
+
+def write_obstacle_track(root: Path) -> None:
+    """RoadObstacle21: validation frames the benchmark keeps (1, 2) and excludes (19, 25), a test frame."""
+    base = root / "dataset_ObstacleTrack"
+    for i, fid in enumerate(
+        ("validation_1", "validation_2", "validation_19", "validation_25", "curvy-street_0")
+    ):
+        _smiyc_image(base / "images" / f"{fid}.webp", seed=10 + i)
+        _smiyc_labels(base / "labels_masks" / f"{fid}_labels_semantic.png", shift=i)
+
+
+def write_laf(laf: Path) -> None:
+    """LostAndFound: three test frames (one in a scene with bicycles) and one train frame."""
+    for split, fids in SMIYC_LAF_FRAMES.items():
+        for i, fid in enumerate(fids):
+            scene = fid.rsplit("_", 2)[0]
+            _smiyc_image(laf / "leftImg8bit" / split / scene / f"{fid}_leftImg8bit.png", seed=20 + i)
+            # LAF ids: 1 road, 5 an obstacle, 0 ignore, 250 (> 200) not an obstacle either
+            labels = laf / "gtCoarse" / split / scene / f"{fid}_gtCoarse_labelIds.png"
+            _smiyc_labels(labels, (1, 5, 0, 250), shift=i)
+
+
+def write_fishy(fishy: Path) -> None:
+    """FishyLAF's relabelled validation frames: one from LostAndFound's test split, one from train."""
+    for i, fid in enumerate(("04_Maurener_Weg_8_000000_000030", "13_Elly_Beinhorn_Str_000000_000050")):
+        _smiyc_labels(fishy / "labels" / "val" / f"{fid}_fishy-labels.png", shift=2 - i)
+
+
+@pytest.fixture
+def smiyc_root(tmp_path, monkeypatch) -> Path:
+    """The four SegmentMeIfYouCan sets in their published layouts under $DETECTRON2_DATASETS, registered."""
+    from gmmseg.data.datasets import register_smiyc
+
+    for env in ("DIR_LAF", "DIR_FISHY_LAF", "DIR_DATASETS"):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    write_anomaly_track(tmp_path)
+    write_obstacle_track(tmp_path)
+    write_laf(tmp_path / "dataset_LostAndFound")
+    write_fishy(tmp_path / "dataset_FishyLAF")
+    register_smiyc()
+    return tmp_path
 
 
 def run_two_gloo_workers(worker, args: tuple, out_dir: Path, timeout: float = 180) -> tuple:

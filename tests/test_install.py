@@ -41,6 +41,7 @@ def test_pins_cover_the_stack_in_one_place():
         "pytest",
         "maskformer2",
         "timm",
+        "h5py",
     ):
         assert name in pins, name
     assert pins["torch"].startswith("torch===")  # exact match: never the local +cpu wheel

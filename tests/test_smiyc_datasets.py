@@ -1,99 +1,30 @@
 """SegmentMeIfYouCan datasets: tiny fixtures written in each published layout (a webp image included),
-registered under the benchmark's names, the roots it reads, and evaluated end to end."""
+registered under the benchmark's names, the roots it reads, and evaluated end to end (through
+``train_net.py --eval-only`` too)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SMIYC, SMIYC_MODEL_CONFIG, SMIYC_MODEL_OPTS, write_anomaly_track, write_fishy, write_laf
+from conftest import SMIYC_H as H
+from conftest import SMIYC_W as W
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from gmmseg.data.datasets import PUBLIC_DATASET_NAMES, register_smiyc
+from gmmseg.data.datasets import PUBLIC_DATASET_NAMES
 from gmmseg.data.datasets.register_smiyc import TRACK_SIZE_FILTERS as DATA_FILTERS
 from gmmseg.data.folder_dataset import DatasetFormatError
 from gmmseg.evaluation import AnomalyEvaluator
 from gmmseg.evaluation.anomaly_components import TRACK_SIZE_FILTERS, component_settings
 from gmmseg.evaluation.anomaly_labels import load_codes
 
-H, W = 24, 32
-SMIYC = (
-    "AnomalyTrack-validation",
-    "ObstacleTrack-validation",
-    "LostAndFound-testNoKnown",
-    "FishyLAFAnomaly-val",
-)
-
-
-def _image(path: Path, seed: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.random.default_rng(seed).integers(0, 256, (H, W, 3)).astype(np.uint8)
-    Image.fromarray(rgb).save(path)
-
-
-def _labels(path: Path, values: tuple[int, ...] = (0, 1, 255)) -> np.ndarray:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lab = np.full((H, W), values[0], np.uint8)
-    lab[4:12, 6:16] = values[1]
-    lab[-3:] = values[2]
-    if len(values) > 3:
-        lab[14:18, 20:26] = values[3]
-    Image.fromarray(lab).save(path)
-    return lab
-
-
-def write_anomaly_track(root: Path) -> None:
-    base = root / "dataset_AnomalyTrack"
-    for fid in ("validation0000", "validation0001", "cow0000"):  # cow0000: a test frame, no labels
-        _image(base / "images" / f"{fid}.jpg")
-        if fid.startswith("validation"):
-            _labels(base / "labels_masks" / f"{fid}_labels_semantic.png")
-
-
-def write_obstacle_track(root: Path) -> None:
-    base = root / "dataset_ObstacleTrack"
-    for fid in ("validation_1", "validation_2", "validation_19", "validation_25", "curvy-street_0"):
-        _image(base / "images" / f"{fid}.webp")
-        _labels(base / "labels_masks" / f"{fid}_labels_semantic.png")
-
-
-LAF_FRAMES = {
-    "test": (
-        "01_Hanns_Klemm_Str_45_000006_000100",
-        "04_Maurener_Weg_8_000000_000030",
-        "02_Hanns_Klemm_Str_44_000001_000040",
-    ),
-    "train": ("13_Elly_Beinhorn_Str_000000_000050",),
-}
-
-
-def write_laf(laf: Path) -> None:
-    for split, fids in LAF_FRAMES.items():
-        for fid in fids:
-            scene = fid.rsplit("_", 2)[0]
-            _image(laf / "leftImg8bit" / split / scene / f"{fid}_leftImg8bit.png")
-            # LAF ids: 1 road, 5 an obstacle, 0 ignore, 250 (> 200) not an obstacle either
-            _labels(laf / "gtCoarse" / split / scene / f"{fid}_gtCoarse_labelIds.png", (1, 5, 0, 250))
-
-
-def write_fishy(fishy: Path) -> None:
-    for fid in ("04_Maurener_Weg_8_000000_000030", "13_Elly_Beinhorn_Str_000000_000050"):
-        _labels(fishy / "labels" / "val" / f"{fid}_fishy-labels.png")
-
-
-@pytest.fixture
-def smiyc_root(tmp_path, monkeypatch):
-    for env in ("DIR_LAF", "DIR_FISHY_LAF", "DIR_DATASETS"):
-        monkeypatch.delenv(env, raising=False)
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
-    write_anomaly_track(tmp_path)
-    write_obstacle_track(tmp_path)
-    write_laf(tmp_path / "dataset_LostAndFound")
-    write_fishy(tmp_path / "dataset_FishyLAF")
-    register_smiyc()
-    return tmp_path
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_frames_selected_as_the_benchmark_does(smiyc_root):
@@ -183,3 +114,29 @@ def test_evaluate_each_dataset(smiyc_root, name):
         assert res["anomaly/mean_F1"] == 100.0
     else:
         assert np.isnan(res["anomaly/sIoU"])  # every object voided (< 100 px)
+
+
+def test_train_net_eval_only_reports_pixel_and_component_metrics(smiyc_root, tmp_path):
+    """``train_net.py --eval-only`` (its ``main``, in process) on an anomaly- and an obstacle-track set:
+    AUROC / AP / FPR95 and sIoU / PPV / mean F1 of the model's score, returned, tabled and saved."""
+    spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    from detectron2.engine import default_argument_parser
+
+    out = tmp_path / "eval"
+    sets = ("AnomalyTrack-validation", "LostAndFound-testNoKnown")
+    opts = [*SMIYC_MODEL_OPTS, "DATASETS.TEST", repr(sets), "OUTPUT_DIR", str(out)]
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(SMIYC_MODEL_CONFIG), "--eval-only", *opts]
+    )
+    torch.manual_seed(0)
+    results = train_net.main(args)
+    saved = json.loads((out / "inference" / "metrics.json").read_text())
+    for name in sets:
+        anomaly = results[name]["anomaly"]
+        for metric in ("AUROC", "AP", "FPR95", "sIoU", "PPV", "mean_F1"):
+            assert 0.0 <= anomaly[f"gmm/{metric}"] <= 100.0, (name, metric)
+        assert saved[name]["anomaly"] == pytest.approx(dict(anomaly))
+    log = (out / "log.txt").read_text()
+    assert "sIoU (%) | PPV (%) | mean F1 (%)" in log and "| LostAndFound-testNoKnown | - | - | gmm |" in log

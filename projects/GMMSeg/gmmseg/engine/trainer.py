@@ -91,9 +91,6 @@ class GMMSegTrainer(OptimizerStateInCheckpoints, DefaultTrainer):
         """Semantic evaluator (mIoU, ECE) where the split has labels; anomaly evaluator (AUROC, AP, FPR95,
         sIoU, PPV, mean F1 for every anomaly score) where it has ``ood`` maps. DigitScapes' anomaly_val gets
         both."""
-        from gmmseg.evaluation.anomaly import AnomalyEvaluator
-        from gmmseg.evaluation.anomaly_components import component_settings
-
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         meta = MetadataCatalog.get(dataset_name)
         evaluators = []
@@ -107,29 +104,39 @@ class GMMSegTrainer(OptimizerStateInCheckpoints, DefaultTrainer):
                 )
             )
         if meta.get("has_ood", False) or meta.get("evaluator_type", None) == "anomaly":
-            evaluators.append(
-                AnomalyEvaluator(
-                    dataset_name,
-                    distributed=True,
-                    output_dir=output_folder,
-                    mode=cfg.TEST.ANOMALY_EVAL_MODE,
-                    max_exact_pixels=cfg.TEST.ANOMALY_MAX_EXACT_PIXELS,
-                    num_bins=cfg.TEST.ANOMALY_NUM_BINS,
-                    aggregation=cfg.TEST.ANOMALY_AGGREGATION,
-                    components=component_settings(
-                        cfg.TEST.ANOMALY_COMPONENTS.ENABLED,
-                        cfg.TEST.ANOMALY_COMPONENTS.MIN_PRED_SIZE,
-                        cfg.TEST.ANOMALY_COMPONENTS.MIN_GT_SIZE,
-                        cfg.TEST.ANOMALY_COMPONENTS.THRESHOLD,
-                        meta,
-                    ),
-                )
-            )
+            evaluators.append(cls.build_anomaly_evaluator(cfg, dataset_name, output_folder))
         if not evaluators:
             raise ValueError(
                 f"dataset '{dataset_name}' has neither semantic labels nor anomaly maps to evaluate"
             )
         return DatasetEvaluators(evaluators)
+
+    @classmethod
+    def build_anomaly_evaluator(
+        cls, cfg: CfgNode, dataset_name: str, output_folder: str | None, distributed: bool = True
+    ):
+        """The anomaly evaluator of ``dataset_name`` with the config's settings (mode, aggregation, component
+        metrics and size filters, the dataset's where the config says -1); also used to evaluate maps read
+        from files (tools/export_anomaly_maps.py), so both see the same pixels and settings."""
+        from gmmseg.evaluation.anomaly import AnomalyEvaluator
+        from gmmseg.evaluation.anomaly_components import component_settings
+
+        return AnomalyEvaluator(
+            dataset_name,
+            distributed=distributed,
+            output_dir=output_folder,
+            mode=cfg.TEST.ANOMALY_EVAL_MODE,
+            max_exact_pixels=cfg.TEST.ANOMALY_MAX_EXACT_PIXELS,
+            num_bins=cfg.TEST.ANOMALY_NUM_BINS,
+            aggregation=cfg.TEST.ANOMALY_AGGREGATION,
+            components=component_settings(
+                cfg.TEST.ANOMALY_COMPONENTS.ENABLED,
+                cfg.TEST.ANOMALY_COMPONENTS.MIN_PRED_SIZE,
+                cfg.TEST.ANOMALY_COMPONENTS.MIN_GT_SIZE,
+                cfg.TEST.ANOMALY_COMPONENTS.THRESHOLD,
+                MetadataCatalog.get(dataset_name),
+            ),
+        )
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode, start_iter: int = 0):
