@@ -2,7 +2,8 @@
 
 1. Component log-likelihoods, N x (C*K) x D: ``diag_gaussian_log_prob`` (two matrix products into the
    (N, M) output) vs the broadcast formula of the reference's ``MultivariateNormalDiag.log_prob``
-   (materialises (N, M, D) arrays). Time, peak extra memory and error vs a float64 reference.
+   (materialises (N, M, D) arrays). Time, peak extra memory and error vs a float64 reference, and our
+   kernel's time over that of ONE (N, D) x (D, M) matrix product (``gemm_ratio``: issue 17's yardstick).
 2. One memory enqueue + one M-step for C classes x K components at a given capacity: ``FeatureMemory``
    (vectorised enqueue with running sums, M-step from them) vs the reference's per-class/per-component
    Python loops (``_dequeue_and_enqueue_k`` + ``update_GMM``, reading each queue's filled part).
@@ -245,54 +246,103 @@ def mib(b: float) -> str:
     return f"{b / 2**20:,.1f} MiB"
 
 
-def bench_loglik(device: torch.device, quick: bool, threads: int) -> str:
+def gemm_ratio(x: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, repeats: int) -> dict:
+    """Our log-likelihood kernel against ONE (N, D) x (D, M) matrix product (``torch.mm``, same dtype and
+    device), timed interleaved (``time_pair``): the floor any GEMM-based kernel of this output has. The
+    ratio is the median of the per-round ratios, kernel / GEMM, with their range."""
+    weight = means.t().contiguous()  # (D, M): the GEMM's right-hand side, as the kernel's
+    timing = time_pair(
+        lambda: torch.mm(x, weight), lambda: diag_gaussian_log_prob(x, means, stds), x.device, repeats
+    )
+    return {
+        "gemm_seconds": timing["baseline"],
+        "gemm_ratio": timing["ratio"],
+        "gemm_ratio_range": timing["ratio_range"],
+    }
+
+
+def measure_loglik(device: torch.device, quick: bool, threads: int) -> dict:
+    """The log-likelihood table's measurements (``loglik_table``), as a JSON-ready dict: the shape and, per
+    method (``ours_float32``, ``broadcast_float32``, ``ours_float64``), median seconds, errors, memory and,
+    for ours, the ratio to one GEMM (``gemm_ratio``)."""
     n, num_c, k, d = (4096 if quick else 65536), 19, 5, 64
     m = num_c * k
     x, mu, s = loglik_inputs(n, num_c, k, d, torch.float32, device)
     ref = float64_reference(x.cpu(), mu.cpu(), s.cpu())
     scale = ref.abs().amax()
 
-    def errors(out: torch.Tensor) -> tuple[float, float]:
+    def errors(out: torch.Tensor) -> dict:
         err = (out.cpu().double() - ref).abs()
-        return float(err.amax() / scale), float((err / ref.abs().clamp_min(1.0)).amax())
+        return {
+            "err_max": float(err.amax() / scale),
+            "err_rel": float((err / ref.abs().clamp_min(1.0)).amax()),
+        }
 
-    rows = []
+    reps = 5 if quick else 10
+    x64, mu64, s64 = x.double(), mu.double(), s.double()
     with torch.no_grad():
-        reps = 5 if quick else 10
-        t_ours = time_call(lambda: diag_gaussian_log_prob(x, mu, s), device, reps)
-        t_bc = time_call(lambda: broadcast_log_prob(x, mu, s), device, 3)
-        x64, mu64, s64 = x.double(), mu.double(), s.double()
-        t_ours64 = time_call(lambda: diag_gaussian_log_prob(x64, mu64, s64), device, reps)
-        e_ours = errors(diag_gaussian_log_prob(x, mu, s))
-        e_bc = errors(broadcast_log_prob(x, mu, s))
-        e_ours64 = errors(diag_gaussian_log_prob(x64, mu64, s64))
-    p_ours = measure_peak("ours", n, num_c, k, d, device, threads)
-    p_bc = measure_peak("broadcast", n, num_c, k, d, device, threads)
+        rows = {
+            "ours_float32": {"seconds": time_call(lambda: diag_gaussian_log_prob(x, mu, s), device, reps)},
+            "broadcast_float32": {"seconds": time_call(lambda: broadcast_log_prob(x, mu, s), device, 3)},
+            "ours_float64": {
+                "seconds": time_call(lambda: diag_gaussian_log_prob(x64, mu64, s64), device, reps)
+            },
+        }
+        rows["ours_float32"].update(errors(diag_gaussian_log_prob(x, mu, s)), **gemm_ratio(x, mu, s, reps))
+        rows["broadcast_float32"].update(errors(broadcast_log_prob(x, mu, s)))
+        rows["ours_float64"].update(
+            errors(diag_gaussian_log_prob(x64, mu64, s64)), **gemm_ratio(x64, mu64, s64, reps)
+        )
     out_bytes = n * m * 4
     chunk_rows = min(n, (1 << 18) // d)
-    a_ours = out_bytes + 2 * chunk_rows * d * 4
-    a_bc = 3 * n * m * d * 4 + out_bytes  # diff, diff/s and its square live at once, then the output
+    rows["ours_float32"].update(peak=measure_peak("ours", n, num_c, k, d, device, threads))
+    rows["ours_float32"]["analytic"] = out_bytes + 2 * chunk_rows * d * 4
+    rows["broadcast_float32"].update(peak=measure_peak("broadcast", n, num_c, k, d, device, threads))
+    # diff, diff/s and its square live at once, then the output
+    rows["broadcast_float32"]["analytic"] = 3 * n * m * d * 4 + out_bytes
+    rows["ours_float64"].update(peak=None, analytic=2 * rows["ours_float32"]["analytic"])
+    return {"n": n, "classes": num_c, "components": k, "dim": d, "device": device.type, "rows": rows}
 
-    rows.append(
-        f"| ours (`diag_gaussian_log_prob`), float32 | {t_ours * 1e3:,.1f} ms | {t_bc / t_ours:,.1f}x | "
-        f"{mib(p_ours)} | {mib(a_ours)} | {e_ours[0]:.1e} | {e_ours[1]:.1e} |"
-    )
-    rows.append(
-        f"| broadcast (`MultivariateNormalDiag.log_prob`), float32 | {t_bc * 1e3:,.1f} ms | 1.0x | "
-        f"{mib(p_bc)} | {mib(a_bc)} | {e_bc[0]:.1e} | {e_bc[1]:.1e} |"
-    )
-    rows.append(
-        f"| ours, float64 | {t_ours64 * 1e3:,.1f} ms | {t_bc / t_ours64:,.1f}x | - | {mib(2 * a_ours)} | "
-        f"{e_ours64[0]:.1e} | {e_ours64[1]:.1e} |"
-    )
+
+def loglik_table(measured: dict) -> str:
+    """The Markdown table of ``measure_loglik``'s measurements."""
+    n, num_c, k, d = (measured[key] for key in ("n", "classes", "components", "dim"))
+    m, rows = num_c * k, measured["rows"]
+    t_bc = rows["broadcast_float32"]["seconds"]
+    names = {
+        "ours_float32": "ours (`diag_gaussian_log_prob`), float32",
+        "broadcast_float32": "broadcast (`MultivariateNormalDiag.log_prob`), float32",
+        "ours_float64": "ours, float64",
+    }
+    lines = []
+    for key, name in names.items():
+        row = rows[key]
+        gemm = (
+            f"{row['gemm_ratio']:.2f} ({row['gemm_ratio_range'][0]:.2f}-{row['gemm_ratio_range'][1]:.2f})"
+            if "gemm_ratio" in row
+            else "-"
+        )
+        peak = "-" if row["peak"] is None else mib(row["peak"])
+        lines.append(
+            f"| {name} | {row['seconds'] * 1e3:,.1f} ms | {t_bc / row['seconds']:,.1f}x | {gemm} | {peak} | "
+            f"{mib(row['analytic'])} | {row['err_max']:.1e} | {row['err_rel']:.1e} |"
+        )
     head = (
-        f"### Log-likelihood: N = {n:,}, C = {num_c}, K = {k} (M = {m}), D = {d}, device {device.type}\n\n"
-        f"(N, M) output: {mib(out_bytes)}; one (N, M, D) float32 array: {mib(n * m * d * 4)}.\n\n"
-        "| method | time (median) | speed-up vs broadcast | peak extra memory (measured) | "
-        "largest live arrays (analytic) | max abs err / max abs ref | max abs err / max(abs ref, 1) |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        f"### Log-likelihood: N = {n:,}, C = {num_c}, K = {k} (M = {m}), D = {d}, "
+        f"device {measured['device']}\n\n"
+        f"(N, M) output: {mib(n * m * 4)}; one (N, M, D) float32 array: {mib(n * m * d * 4)}. "
+        f"log-likelihood / one GEMM: the kernel's time over that of one ({n:,}, {d}) x ({d}, {m}) `torch.mm` "
+        "in the same dtype, timed interleaved (median of per-round ratios, range).\n\n"
+        "| method | time (median) | speed-up vs broadcast | log-likelihood / one GEMM (range) | "
+        "peak extra memory (measured) | largest live arrays (analytic) | max abs err / max abs ref | "
+        "max abs err / max(abs ref, 1) |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
-    return head + "\n" + "\n".join(rows) + "\n"
+    return head + "\n" + "\n".join(lines) + "\n"
+
+
+def bench_loglik(device: torch.device, quick: bool, threads: int) -> str:
+    return loglik_table(measure_loglik(device, quick, threads))
 
 
 def filled_memory(num_c: int, k: int, d: int, cap: int, device: torch.device) -> FeatureMemory:

@@ -7,7 +7,9 @@
    the GMM model, and the cost of its online EM (``OnlineGMM``) on the step's EM batch: the E-step (which
    the GMM step's loss already runs, once, in training) and enqueue of every step, the M-step (every
    ``MODEL.GMM.UPDATE_INTERVAL`` steps) and their per-step average.
-3. The GMM core against the reference formulation (``benchmarks/gmm_core.py``'s two tables).
+3. The GMM core against the reference formulation (``benchmarks/gmm_core.py``'s two tables); the
+   log-likelihood table also gives the kernel's time over that of ONE (N, D) x (D, C*K) matrix product
+   ("log-likelihood / one GEMM", timed interleaved; in the JSON under ``loglik``).
 
 All ratios in a table come from the same run on the same machine. Timing: the softmax and the GMM model
 of a pair are loaded together and timed interleaved, round after round, so that drift in the machine's
@@ -315,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     training = bench_training(args.pairs, device, crop, batch, repeats)
     tables.append(training_table(training, crop, batch))
     print(tables[-1], flush=True)
+    loglik = None
     if not args.skip_core:
-        tables.append(gmm_core.bench_loglik(device, args.quick, args.threads))
+        loglik = gmm_core.measure_loglik(device, args.quick, args.threads)
+        tables.append(gmm_core.loglik_table(loglik))
         print(tables[-1], flush=True)
         tables.append(gmm_core.bench_memory(device, args.quick))
         print(tables[-1], flush=True)
@@ -324,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         Path(args.output).write_text("\n".join(tables))
     if args.json:
-        Path(args.json).write_text(json.dumps({"inference": inference, "training": training}, indent=2))
+        measured = {"inference": inference, "training": training, "loglik": loglik}
+        Path(args.json).write_text(json.dumps(measured, indent=2))
     return 0
 
 

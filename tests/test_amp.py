@@ -184,8 +184,14 @@ def test_autocast_and_float32_class_scores_agree(amp_run, datasets, monkeypatch)
     model = trainer.model.eval()
     predictor = model.sem_seg_head.gmm_predictor
     dtypes: dict[str, torch.dtype] = {}
+    normalise = predictor.normalise
+
+    def recording_normalise(projected):  # the projection's output (at inference not the Conv2d module's)
+        dtypes["projection"] = projected.dtype
+        return normalise(projected)
+
+    monkeypatch.setattr(predictor, "normalise", recording_normalise)
     hooks = [
-        predictor.projection.register_forward_hook(lambda m, i, o: dtypes.update(projection=o.dtype)),
         predictor.register_forward_hook(
             lambda m, i, o: dtypes.update({k: v.dtype for k, v in o.items() if k != "logits"})
         ),

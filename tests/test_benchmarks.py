@@ -67,6 +67,26 @@ def test_speed_quick_measures_both_classifiers(tmp_path):
             low, high = row["ratio_range"]
             assert 0 < low <= row["ratio"] <= high
     assert all("e_step_enqueue" not in r for r in measured["training"] if r["kind"] == "softmax")
+    # issue 17's yardstick: the log-likelihood kernel against one (N, D) x (D, C*K) GEMM, table and JSON
+    assert "log-likelihood / one GEMM" in out
+    for key in ("ours_float32", "ours_float64"):
+        row = measured["loglik"]["rows"][key]
+        low, high = row["gemm_ratio_range"]
+        assert row["gemm_seconds"] > 0 and 0 < low <= row["gemm_ratio"] <= high, key
+    assert "gemm_ratio" not in measured["loglik"]["rows"]["broadcast_float32"]
+
+
+@pytest.mark.slow
+def test_profile_gmm_head_splits_the_call_and_lists_the_extra_operators(tmp_path):
+    report = tmp_path / "profile.md"
+    _run(
+        "profile_gmm_head.py", "--size", "64", "128", "--rounds", "1", "--top", "12", "--output", str(report)
+    )
+    text = report.read_text()
+    for row in ("| backbone |", "| head |", "| rest |", "| total |"):
+        assert row in text
+    assert "`aten::addmm`" in text or "`aten::addmm_`" in text or "`aten::baddbmm`" in text
+    assert text.count("\n| `") == 12  # the top 12 operators
 
 
 @pytest.mark.slow
@@ -182,6 +202,30 @@ def test_time_pair_interleaves_in_alternating_order_and_takes_the_median_ratio()
     ratios = sorted(b / a for a, b in zip(timing["baseline_times"], timing["candidate_times"]))
     assert timing["ratio"] == ratios[1] and timing["ratio_range"] == [ratios[0], ratios[-1]]
     assert 1.5 < timing["ratio"] < 4.0  # 30 ms against 10 ms, with slack for a busy machine
+
+
+def test_loglik_against_one_gemm_is_timed_in_rounds_and_tabled():
+    """The ratio to one (N, D) x (D, M) GEMM comes from interleaved rounds (``time_pair``) on the same
+    dtype; the table prints it for our kernel only."""
+    import torch
+
+    gmm_core = _load("gmm_core")
+    x, means, stds = gmm_core.loglik_inputs(512, 3, 2, 8, torch.float64, torch.device("cpu"))
+    with torch.no_grad():
+        row = gmm_core.gemm_ratio(x, means, stds, repeats=3)
+    low, high = row["gemm_ratio_range"]
+    assert row["gemm_seconds"] > 0 and 0 < low <= row["gemm_ratio"] <= high
+    common = {"seconds": 1e-3, "peak": 0, "analytic": 1, "err_max": 0.0, "err_rel": 0.0}
+    rows = {
+        "ours_float32": {**common, "gemm_ratio": 1.5, "gemm_ratio_range": [1.25, 2.0]},
+        "broadcast_float32": {**common, "seconds": 0.1},
+        "ours_float64": {**common, "peak": None, **row},
+    }
+    table = gmm_core.loglik_table(
+        {"n": 512, "classes": 3, "components": 2, "dim": 8, "device": "cpu", "rows": rows}
+    )
+    assert "log-likelihood / one GEMM (range)" in table and "| 1.50 (1.25-2.00) |" in table
+    assert table.count("\n| ") == 5 and "x | - |" in table  # header, separator, 3 rows; broadcast: no ratio
 
 
 def test_close_variants_get_more_seeds_when_within_three_seed_stds():

@@ -160,16 +160,36 @@ def _model(kind: str, scores=()):
     return build_model(tiny_cfg(kind, *opts)).eval()
 
 
-@pytest.mark.parametrize("kind, scores", [("softmax", ()), ("gmmseg", ()), ("softmax", ("msp",))])
+@pytest.mark.parametrize(
+    "kind, scores",
+    [
+        ("softmax", ()),
+        ("gmmseg", ()),
+        ("softmax", ("msp",)),
+        ("gmmseg", ("msp",)),
+        ("gmmseg", ("gmm_assigned", "energy")),
+    ],
+)
 def test_optional_maps_are_computed_only_when_read(kind, scores):
     model = _model(kind, scores)
     with torch.no_grad():
         (out,) = model.inference_outputs(batch(n=1))
     names = model.anomaly_score_names
-    expected = (
-        {"logits"} | ({"anomaly"} if kind == "gmmseg" else set()) | ({"rba"} if "rba" in names else set())
-    )
+    reads = {"gmm": "anomaly", "gmm_assigned": "anomaly_assigned", "rba": "rba"}
+    expected = {"logits"} | {reads[name] for name in names if name in reads}
     assert set(out) == expected and names == (scores or (SOFTMAX_SCORES if kind == "softmax" else ("gmm",)))
+
+
+def test_gmm_mask2former_without_its_anomaly_map_gives_the_same_posteriors():
+    """Only logit scores asked for: no ownership columns are summed with the semantic scores, no
+    ``anomaly`` in the result, and the posteriors are those of the default model (up to rounding)."""
+    default, lean = _model("gmmseg"), _model("gmmseg", ("msp",))
+    with torch.no_grad():
+        (full,), (few,) = default(batch(n=1)), lean(batch(n=1))
+        outputs = lean.sem_seg_head(lean.backbone(torch.zeros(1, 3, 64, 64)))
+    assert lean.aggregated_columns(outputs) is None and default.aggregated_columns(outputs).shape[-1] == 2
+    assert "anomaly" in full and "anomaly" not in few and list(few["anomaly_scores"]) == ["msp"]
+    torch.testing.assert_close(few["sem_seg"], full["sem_seg"], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind, scores", [("softmax", SOFTMAX_SCORES), ("gmmseg", GMM_SCORES)])

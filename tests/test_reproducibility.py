@@ -206,6 +206,7 @@ ENTRY_POINTS = [
     "benchmarks/gmm_core.py",
     "benchmarks/gmm_errors.py",
     "benchmarks/speed.py",
+    "benchmarks/profile_gmm_head.py",
     "benchmarks/mkl_cbwr.py",
     "tests/conftest.py",
 ]

@@ -89,5 +89,5 @@ def diag_gaussian_log_prob(
         xc = x[start : start + rows] - centre_vec
         block = out[start : start + rows]
         torch.addmm(bias, xc.square(), w_sq, out=block)
-        block.addmm_(xc, w_lin)
-    return out.clamp_(max=log_norm)
+        block.addmm_(xc, w_lin).clamp_(max=log_norm)  # while the block is in cache
+    return out

@@ -15,7 +15,8 @@ parameter names do not change (``sem_seg_head.<decoder...>``, ``sem_seg_head.gmm
 The converted head returns, in training, ``(None, {"loss_sem_seg", "loss_gmm_component"})`` (and the
 head's auxiliary losses, if it has any: contract point 5); at inference
 ``({"logits": (N, C, H, W), "anomaly": (N, H, W)}, {})`` at the padded input resolution, which
-``PosteriorSemanticSegmentor`` turns into ``sem_seg`` posteriors and an ``anomaly`` map per image. The
+``PosteriorSemanticSegmentor`` turns into ``sem_seg`` posteriors and an ``anomaly`` map per image (left
+out with ``anomaly=False``, which the meta-architecture passes when no score reads it). The
 optional maps (``OPTIONAL_MAPS``) are computed only when named in ``extra_maps``: ``"anomaly_fullres"``
 (N, H, W), ``-max_c log p(x|c)`` scored per input pixel on the upsampled, re-normalised embeddings
 (``GMMPredictor.fullres_anomaly_map``) rather than scored at stride ``common_stride`` and upsampled
@@ -34,7 +35,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_sem_seg_head as build_registered_head
 from torch import Tensor, nn
 
-from .anomaly_scores import CLASS_LIKELIHOOD_FULLRES, CLASS_LIKELIHOOD_MAHALANOBIS
+from .anomaly_scores import CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_FULLRES, CLASS_LIKELIHOOD_MAHALANOBIS
 from .gmm_predictor import GMMPredictor
 
 __all__ = [
@@ -120,13 +121,16 @@ class GMMHead(nn.Module):
         targets: Tensor | None = None,
         *,
         extra_maps: Collection[str] = (),
+        anomaly: bool = True,
     ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
+        """Training: ``(None, losses)``. Inference: the maps of the module docstring; ``anomaly=False``
+        leaves out the ``anomaly`` map (the meta-architecture asks for it only when a score reads it)."""
         outputs = self.gmm_predictor(self.decoder_features(features, targets))
         auxiliary = pop_auxiliary_losses(self)
-        logits = F.interpolate(
-            outputs["logits"], scale_factor=self.common_stride, mode="bilinear", align_corners=False
-        )
         if self.training:
+            logits = F.interpolate(
+                outputs["logits"], scale_factor=self.common_stride, mode="bilinear", align_corners=False
+            )
             losses = self.gmm_predictor.losses(outputs, targets, logits)
             losses["loss_sem_seg"] = losses["loss_sem_seg"] * self.loss_weight
             clash = sorted(set(auxiliary) & set(losses))
@@ -138,7 +142,16 @@ class GMMHead(nn.Module):
             raise ValueError(
                 f"unknown optional GMM head maps {unknown}; expected some of {sorted(OPTIONAL_MAPS)}"
             )
-        grid_maps = {"anomaly": GMMPredictor.anomaly_map(outputs)}
+        # the predictor's logits are a permuted (N, H, W, C) tensor: upsampled as they are, the
+        # full-resolution logits would be channels-last and every later full-resolution op (cropping,
+        # posteriors) would copy them back; made contiguous on the stride-s grid, that copy is s^2 smaller
+        logits = F.interpolate(
+            outputs["logits"].contiguous(),
+            scale_factor=self.common_stride,
+            mode="bilinear",
+            align_corners=False,
+        )
+        grid_maps = {CLASS_LIKELIHOOD: GMMPredictor.anomaly_map(outputs)} if anomaly else {}
         if CLASS_LIKELIHOOD_MAHALANOBIS in extra_maps:
             grid_maps[CLASS_LIKELIHOOD_MAHALANOBIS] = self.gmm_predictor.mahalanobis_anomaly_map(outputs)
         maps = {"logits": logits}

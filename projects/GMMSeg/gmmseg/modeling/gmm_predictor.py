@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from gmmseg.gmm import EMBatch, EStep, GaussianMixtureClassifier, float32_region, unfitted_std
 
+from .folded_projection import project_channels_last
+
 __all__ = ["GMMPredictor", "GMMPredictorBase", "QueryGMMPredictor"]
 
 
@@ -213,8 +215,13 @@ class GMMPredictor(GMMPredictorBase):
         )
 
     def embed(self, x: Tensor) -> Tensor:
-        """(N, C_in, H, W) -> (N, H, W, D) unit-length embeddings."""
-        return self.normalise(self.projection(x).permute(0, 2, 3, 1))
+        """(N, C_in, H, W) -> (N, H, W, D) unit-length embeddings. At inference the projection is one GEMM
+        into channels-last embeddings, its norm folded in (``folded_projection``); in training (or with a
+        norm that cannot be folded) the ``Conv2d`` module, then a permute."""
+        projected = None if self.training else project_channels_last(self.projection, x)
+        if projected is None:
+            projected = self.projection(x).permute(0, 2, 3, 1)
+        return self.normalise(projected)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Embeddings (N, H, W, D), component log-likelihoods (N, H, W, C, K), class scores

@@ -341,7 +341,8 @@ class GMMMaskFormer(PosteriorMaskFormer):
 
     Training adds the component loss over the last layer's queries and the EM batch for ``GMMEMHook``:
     every query of the last layer with its label from the Hungarian matching (the matched class, or no
-    object) and whether the GMM posterior's argmax agrees. Inference adds the ``anomaly`` map.
+    object) and whether the GMM posterior's argmax agrees. Inference adds the ``anomaly`` map (when a
+    score reads it).
 
     With queries, enqueue every matched query (``MODEL.GMM.ENQUEUE_CORRECT_ONLY False``, as the configs
     do): under the pixel heads' correct-only filter, "no object" is the only class right from the start,
@@ -374,17 +375,22 @@ class GMMMaskFormer(PosteriorMaskFormer):
         return self.gmm_predictor.losses(outputs["gmm"], query_labels.to(outputs["pred_logits"].device))
 
     def aggregated_columns(self, outputs):
-        """The soft-ownership anomaly's per-query columns (``ownership_columns``): summed with the semantic
-        scores, one pass over the masks instead of two."""
+        """The soft-ownership anomaly's per-query columns (``ownership_columns``) when a score reads that
+        map: summed with the semantic scores, one pass over the masks instead of two."""
+        if CLASS_LIKELIHOOD not in self.needed_maps:
+            return None
         return ownership_columns(outputs["pred_logits"], self.gmm_predictor.object_log_prob(outputs["gmm"]))
 
     def extra_maps(self, outputs, mask_pred, scores, sums):
-        """The softmax model's maps, the ``anomaly`` map always (``sem_seg``'s companion, as for GMM heads;
-        ``mask_classification_anomaly`` from the sums of ``aggregated_columns``) and the claiming query's
-        likelihood when a score reads it."""
+        """The softmax model's maps, and each query-likelihood map a score reads: the ``anomaly`` map
+        (soft ownership, ``mask_classification_anomaly`` from the sums of ``aggregated_columns``; the
+        default ``gmm`` score reads it) and the claiming query's likelihood."""
         maps = super().extra_maps(outputs, mask_pred, scores, sums)
+        if not {CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_ASSIGNED} & self.needed_maps:
+            return maps
         mask_cls, query_score = outputs["pred_logits"], self.gmm_predictor.object_log_prob(outputs["gmm"])
-        maps[CLASS_LIKELIHOOD] = ownership_anomaly_from_sums(sums, query_score)
+        if CLASS_LIKELIHOOD in self.needed_maps:
+            maps[CLASS_LIKELIHOOD] = ownership_anomaly_from_sums(sums, query_score)
         if CLASS_LIKELIHOOD_ASSIGNED in self.needed_maps:
             maps[CLASS_LIKELIHOOD_ASSIGNED] = assigned_query_anomaly(mask_cls, mask_pred, query_score)
         return maps

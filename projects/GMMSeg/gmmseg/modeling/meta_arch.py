@@ -6,7 +6,8 @@ need probabilities, and GMM heads also give a per-pixel anomaly score, so this m
 contract. Per image, at the input's original resolution:
 
 - ``sem_seg``: (C, H, W) class posteriors;
-- ``anomaly``: (H, W) ``-max_c log p(x|c)`` (models with class likelihoods only);
+- ``anomaly``: (H, W) ``-max_c log p(x|c)`` (models with class likelihoods only, when a score reads it, as
+  their default ``gmm`` does; with logit-based scores only, it is not computed);
 - ``anomaly_scores``: {name: (H, W)} the scores named by ``TEST.ANOMALY_SCORES``, all from the same forward
   pass. Which scores exist, what each needs, and which a model gets by default is ``anomaly_scores.py``;
   a model says which maps it gives (``head_maps`` and its post-hoc models), and computes the costly or
@@ -39,7 +40,7 @@ from .anomaly_scores import (
     maps_needed,
     resolve_scores,
 )
-from .gmm_head import OPTIONAL_MAPS, convert_head_to_gmm
+from .gmm_head import OPTIONAL_MAPS, GMMHead, convert_head_to_gmm
 from .gmm_predictor import GMMPredictor
 from .penultimate import PenultimateFeatures, penultimate_layer
 from .posthoc import MahalanobisStats, PosthocGMM
@@ -82,8 +83,10 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         needed = maps_needed(self.anomaly_score_names)
         # the maps the scores read: a model computes its optional ones (Mask2Former's) only when in here
         self.needed_maps = needed
-        # a GMM head's optional maps, computed only when a score reads them (gmm_head.OPTIONAL_MAPS)
+        # a GMM head's optional maps, computed only when a score reads them (gmm_head.OPTIONAL_MAPS), and
+        # its ``anomaly`` map, which only scores read (left out when all of them are logit-based)
         self.head_extra_maps = needed & OPTIONAL_MAPS
+        self.head_anomaly = CLASS_LIKELIHOOD in needed
         # post-hoc models run when their maps are read; one that replaces the classifier, always
         self.posthoc_models = [m for m in posthoc if m.replaces_classifier or set(m.maps) & needed]
         self._penultimate: PenultimateFeatures | None = None
@@ -170,8 +173,10 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         """Backbone + head on a normalised (N, 3, h, w) batch: logits (N, C, h, w) and the other maps the
         scores need (N, h, w), all at the batch's resolution."""
         backbone_features = self.backbone(images)
-        if self.head_extra_maps:
-            head_out, _ = self.sem_seg_head(backbone_features, extra_maps=self.head_extra_maps)
+        if isinstance(self.sem_seg_head, GMMHead):
+            head_out, _ = self.sem_seg_head(
+                backbone_features, extra_maps=self.head_extra_maps, anomaly=self.head_anomaly
+            )
         else:
             head_out, _ = self.sem_seg_head(backbone_features)
         maps = dict(head_out) if isinstance(head_out, dict) else {LOGITS: head_out}
