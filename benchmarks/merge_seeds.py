@@ -8,8 +8,14 @@ given twice must carry the same numbers (a rerun of the same seed is determinist
 the inputs were not trained under one protocol) and is counted once. The output row holds the mean and the
 sample standard deviation over the pooled seeds, as ``digitscapes.py`` computes them.
 
-Usage: ``python benchmarks/merge_seeds.py A.json B.json ... [--output DIR] [--name seeds]``. All inputs
-must have the same number of iterations. Writes ``DIR/<name>.md``, ``.json`` and ``.png``.
+``--rename OLD=NEW`` relabels the rows recorded as variant OLD as NEW before pooling (all renames at once,
+so two variants can swap names): for tables recorded before a default changed, such as the GMMSeg rows
+recorded as "gmmseg" when its memory started empty, which today's ``VARIANTS`` call
+"gmmseg_memory_empty". A row's description is today's ``VARIANTS`` one where its variant has one.
+
+Usage: ``python benchmarks/merge_seeds.py A.json B.json ... [--rename OLD=NEW ...] [--only VARIANT ...]
+[--output DIR] [--name seeds]`` (``--only``: keep these variants, by today's names). All inputs must have
+the same number of iterations. Writes ``DIR/<name>.md``, ``.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -45,14 +51,18 @@ def same(a: float | None, b: float | None) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
-def merge(tables: list[dict]) -> list[dict]:
-    """Rows with each (variant, score)'s seeds pooled over ``tables``, in their first order of appearance."""
+def merge(tables: list[dict], rename: dict[str, str] | None = None) -> list[dict]:
+    """Rows with each (variant, score)'s seeds pooled over ``tables``, in their first order of appearance;
+    ``rename`` maps recorded variant names to today's."""
+    rename = rename or {}
     pooled: dict[tuple[str, str], dict[int, dict]] = {}
     descriptions: dict[str, str] = {}
     for table in tables:
         for row in table["rows"]:
-            key = (row["variant"], row["score"])
-            descriptions[row["variant"]] = row["description"]
+            variant = rename.get(row["variant"], row["variant"])
+            key = (variant, row["score"])
+            known = bench.VARIANTS.get(variant)
+            descriptions[variant] = known[2] if known else row["description"]
             seen = pooled.setdefault(key, {})
             for seed, values in per_seed_values(row).items():
                 if seed in seen and not all(same(seen[seed][k], values[k]) for k in bench.METRICS):
@@ -74,7 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tables", nargs="+", help="digitscapes.py JSON files")
     parser.add_argument("--output", default=str(bench.REPO / "output" / "benchmark_digitscapes"))
     parser.add_argument("--name", default="seeds")
+    parser.add_argument(
+        "--rename", nargs="+", default=[], metavar="OLD=NEW", help="relabel variant OLD as NEW"
+    )
+    parser.add_argument("--only", nargs="+", default=None, help="keep these variants (today's names)")
     args = parser.parse_args(argv)
+    if any("=" not in pair for pair in args.rename):
+        raise SystemExit(f"--rename takes OLD=NEW pairs, got {args.rename}")
+    rename = dict(pair.split("=", 1) for pair in args.rename)
+    unknown = sorted(set(rename.values()) - set(bench.VARIANTS))
+    if unknown:
+        raise SystemExit(f"--rename: {', '.join(unknown)} not in today's VARIANTS")
     start = time.time()
     tables = [json.loads(Path(p).read_text()) for p in args.tables]
     iters = {t["iters"] for t in tables}
@@ -82,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"the inputs must share one schedule and none be --quick (iterations: {sorted(iters)})"
         )
-    rows = merge(tables)
+    rows = [r for r in merge(tables, rename) if args.only is None or r["variant"] in args.only]
     all_seeds = sorted({s for r in rows for s in r["seeds"]})
     header = (
         f"### DigitScapes: softmax vs GMMSeg DeepLabV3+ R18 ({iters.pop()} iterations at batch 16, seeds "

@@ -20,35 +20,41 @@ BOOTSTRAPPED = ["MODEL.SEM_SEG_HEAD.LOSS_TYPE", "hard_pixel_mining"]
 # The main job uses the GMMSeg authors' optimiser (AdamW, decode head at 10x, no decay on norms); this row
 # trains the decode head at the backbone's rate instead (the previous protocol)
 HEAD_LR_1X = ["SOLVER.HEAD_MULTIPLIER", "1.0"]
+# The previous default memory (2,000 features per queue, real features only), under which the GMMSeg
+# ablations were run: each of them changes one thing of "gmmseg_memory_empty", not of today's "gmmseg"
+# (the authors' memory: 32,000 per queue started full of random unit vectors, the config's default).
+EMPTY = ["MODEL.GMM.MEMORY_INIT", "empty", "MODEL.GMM.MEMORY_CAPACITY", "2000"]
 # name -> (config, overrides, description)
 VARIANTS: dict[str, tuple[Path, list[str], str]] = {
     "softmax": (SOFTMAX, [], "softmax DeepLabV3+ R18"),
-    "gmmseg": (GMMSEG, [], "GMMSeg (K = 5, Sinkhorn EM, memory 2,000)"),
+    "gmmseg": (GMMSEG, [], "GMMSeg (K = 5, Sinkhorn EM, authors' memory: 32,000 started random)"),
+    "gmmseg_memory_empty": (GMMSEG, EMPTY, "GMMSeg, memory 2,000 started empty (previous default)"),
     "softmax_class_balanced": (SOFTMAX, BALANCED, "softmax, class-balanced sampler"),
-    "gmmseg_class_balanced": (GMMSEG, BALANCED, "GMMSeg, class-balanced sampler"),
-    "gmmseg_memory_random_32k": (
-        GMMSEG,
-        ["MODEL.GMM.MEMORY_INIT", "random", "MODEL.GMM.MEMORY_CAPACITY", "32000"],
-        "GMMSeg, memory 32,000 started full of random vectors (authors')",
+    "gmmseg_class_balanced": (GMMSEG, EMPTY + BALANCED, "GMMSeg (empty memory), class-balanced sampler"),
+    "gmmseg_flat_stds": (
+        GMMSEG, EMPTY + ["MODEL.GMM.COV_MOMENTUM", "1.0"], "GMMSeg (empty memory), stds never fitted (flat)"
     ),
-    "gmmseg_flat_stds": (GMMSEG, ["MODEL.GMM.COV_MOMENTUM", "1.0"], "GMMSeg, stds never fitted (flat)"),
     "gmmseg_no_component_loss": (
-        GMMSEG, ["MODEL.GMM.COMPONENT_LOSS_WEIGHT", "0.0"], "GMMSeg, no component loss"
+        GMMSEG, EMPTY + ["MODEL.GMM.COMPONENT_LOSS_WEIGHT", "0.0"], "GMMSeg (empty memory), no component loss"
     ),
     "gmmseg_fast_means": (
         GMMSEG,
-        ["MODEL.GMM.MEAN_MOMENTUM", "0.9", "MODEL.GMM.UPDATE_INTERVAL", "1"],
-        "GMMSeg, fast means (momentum 0.9, M-step every iteration)",
+        EMPTY + ["MODEL.GMM.MEAN_MOMENTUM", "0.9", "MODEL.GMM.UPDATE_INTERVAL", "1"],
+        "GMMSeg (empty memory), fast means (momentum 0.9, M-step every iteration)",
     ),
     "softmax_head_lr1": (SOFTMAX, HEAD_LR_1X, "softmax, head lr x1 (not the authors' x10)"),
-    "gmmseg_head_lr1": (GMMSEG, HEAD_LR_1X, "GMMSeg, head lr x1 (not the authors' x10)"),
-    "gmmseg_K1": (GMMSEG, ["MODEL.GMM.NUM_COMPONENTS", "1"], "GMMSeg, K = 1"),
-    "gmmseg_vanilla_em": (GMMSEG, ["MODEL.GMM.E_STEP", "vanilla"], "GMMSeg, vanilla EM"),
-    "gmmseg_memory0": (GMMSEG, ["MODEL.GMM.MEMORY_CAPACITY", "0"], "GMMSeg, no memory"),
+    "gmmseg_head_lr1": (GMMSEG, EMPTY + HEAD_LR_1X, "GMMSeg (empty memory), head lr x1 (not the authors' x10)"),
+    "gmmseg_K1": (GMMSEG, EMPTY + ["MODEL.GMM.NUM_COMPONENTS", "1"], "GMMSeg (empty memory), K = 1"),
+    "gmmseg_vanilla_em": (GMMSEG, EMPTY + ["MODEL.GMM.E_STEP", "vanilla"], "GMMSeg (empty memory), vanilla EM"),
+    "gmmseg_memory0": (
+        GMMSEG, ["MODEL.GMM.MEMORY_INIT", "empty", "MODEL.GMM.MEMORY_CAPACITY", "0"], "GMMSeg, no memory"
+    ),
     "gmmseg_discriminative": (GMMSEG, ["MODEL.GMM.FIT", "backprop"], "discriminative GMMSeg (backprop)"),
     "softmax_posthoc_gmm": (SOFTMAX, [], "softmax + GMM fitted afterwards"),
     "softmax_bootstrapped": (SOFTMAX, BOOTSTRAPPED, "softmax, bootstrapped loss (hardest 20%)"),
-    "gmmseg_bootstrapped": (GMMSEG, BOOTSTRAPPED, "GMMSeg, bootstrapped loss (hardest 20%)"),
+    "gmmseg_bootstrapped": (
+        GMMSEG, EMPTY + BOOTSTRAPPED, "GMMSeg (empty memory), bootstrapped loss (hardest 20%)"
+    ),
     "fpn_softmax": (CONFIGS / "fpn_R18_softmax.yaml", [], "softmax FPN R18"),
     "fpn_gmmseg": (CONFIGS / "fpn_R18_gmmseg.yaml", [], "GMMSeg FPN R18"),
     "segformer_softmax": (CONFIGS / "segformer_B0_softmax.yaml", [], "softmax SegFormer MiT-B0"),
@@ -58,5 +64,4 @@ VARIANTS: dict[str, tuple[Path, list[str], str]] = {
     "ocrnet_softmax": (CONFIGS / "ocrnet_HRNetW18_softmax.yaml", [], "softmax OCRNet HRNet-W18-Small"),
     "ocrnet_gmmseg": (CONFIGS / "ocrnet_HRNetW18_gmmseg.yaml", [], "GMMSeg OCRNet HRNet-W18-Small"),
 }  # fmt: skip
-HEADLINE = ("softmax", "gmmseg")
 HEADLINE = ("softmax", "gmmseg")

@@ -337,6 +337,28 @@ def test_merge_seeds_pools_seeds_across_tables_and_recomputes_mean_and_sample_st
         merge_seeds.main([str(p) for p in paths])
 
 
+def test_merge_seeds_renames_recorded_variants_at_once_and_describes_them_as_today(tmp_path):
+    """Tables recorded before a default changed: the two GMMSeg memories swap names (both renames apply to
+    the recorded names, not one after the other), and rows take today's descriptions."""
+    bench = _load("digitscapes")
+    merge_seeds = _load("merge_seeds")
+    old_default = _recorded_row(bench, "gmmseg", "gmm", {0: 59.13})
+    authors = _recorded_row(bench, "gmmseg_memory_random_32k", "gmm", {0: 60.0})
+    authors["description"] = "a description of the time"
+    table = {"iters": 3000, "quick": False, "rows": [old_default, authors]}
+    rename = {"gmmseg": "gmmseg_memory_empty", "gmmseg_memory_random_32k": "gmmseg"}
+    rows = {row["variant"]: row for row in merge_seeds.merge([table], rename)}
+    assert set(rows) == {"gmmseg", "gmmseg_memory_empty"}
+    assert rows["gmmseg"]["mIoU"] == 60.0 and rows["gmmseg_memory_empty"]["mIoU"] == 59.13
+    assert rows["gmmseg"]["description"] == bench.VARIANTS["gmmseg"][2]
+    assert rows["gmmseg_memory_empty"]["description"] == bench.VARIANTS["gmmseg_memory_empty"][2]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    for bad in (["gmmseg=no_such_variant"], ["gmmseg"]):
+        with pytest.raises(SystemExit, match="--rename"):
+            merge_seeds.main([str(path), "--output", str(tmp_path), "--rename", *bad])
+
+
 def test_convergence_takes_the_short_runs_from_a_recorded_table_only_at_their_schedule(tmp_path):
     bench = _load("digitscapes")
     conv = _load("convergence")

@@ -140,7 +140,7 @@ def test_gmm_defaults_are_the_reference_values():
         0.01,
     )
     assert (g.MEMORY_DTYPE, g.MEMORY_SAMPLING, g.ENQUEUE_CORRECT_ONLY) == ("float32", "uniform", True)
-    assert g.MEMORY_INIT == "empty"
+    assert g.MEMORY_INIT == "random"  # the authors' memory
     assert g.LOGIT_NORM_INIT_SCALE == 1.0
     assert g.PROJECTION_ACTIVATION == "relu"
 

@@ -83,14 +83,14 @@ class OnlineGMM:
     writes it into the classifier's buffers; the others keep their parameters. ``due(step)`` says whether
     the M-step is due after the ``step``-th observed step (every ``interval``).
 
-    ``memory_init="empty"`` (default): queues hold real features only, and a class is marked when features
-    of it were enqueued. (The reference updates the classes present in the current batch; for one whose
-    queues got nothing new its M-step reads the random vectors its queues start with. Here such a class
-    keeps its parameters, and the classifier's initial stds, ``unfitted_std``, are what the reference's
-    M-step would give it.) ``memory_init="random"`` reproduces the reference, so that the difference can
-    be measured: every queue starts full of random unit vectors (``FeatureMemory.fill_random``, from a CPU
-    generator seeded ``seed``, hence identical on every process), the M-step reads all slots, and it
-    updates every class present among the labelled features since the last M-step, enqueued or not.
+    ``memory_init="empty"`` (this class's default; ``MODEL.GMM.MEMORY_INIT``'s is "random"): queues hold real
+    features only, and a class is marked when features of it were enqueued. (The reference updates the classes
+    present in the current batch; for one whose queues got nothing new its M-step reads the random vectors its
+    queues start with. Here such a class keeps its parameters, and the classifier's initial stds,
+    ``unfitted_std``, are what the reference's M-step would give it.) ``memory_init="random"`` reproduces the
+    reference: every queue starts full of random unit vectors (``FeatureMemory.fill_random``, from a CPU
+    generator seeded ``seed``, hence identical on every process), the M-step reads all slots, and it updates
+    every class present among the labelled features since the last M-step, enqueued or not.
 
     ``capacity=0`` runs without a memory (the paper's "memory 0" ablation): the queues keep only what the
     steps since the previous M-step added (room for ``interval * max_per_step``) and are emptied after
