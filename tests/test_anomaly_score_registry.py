@@ -222,7 +222,8 @@ def test_post_hoc_maps_are_computed_only_when_a_score_reads_them():
     gmm = PosthocGMM(torch.randn(5, 2, 3), torch.ones(5, 2, 3))
     posthoc = _model(posthoc_gmm=gmm, mahalanobis_stats=stats)
     assert posthoc.anomaly_score_names == ("gmm",) and posthoc.posthoc_models == [gmm]
-    assert not posthoc.head_extra_maps
+    # the one map its gmm score reads, which the post-hoc model gives (a softmax head is never asked)
+    assert posthoc.requested_head_maps == {"anomaly"}
 
 
 def test_post_hoc_models_need_a_predictor_layer():
@@ -233,10 +234,10 @@ def test_post_hoc_models_need_a_predictor_layer():
 
 
 @pytest.mark.parametrize(
-    "config, opts, expected, extra_maps",
+    "config, opts, expected, head_maps",
     [
         ("deeplabv3plus_R18_softmax.yaml", [], ("msp", "entropy", "max_logit", "energy"), set()),
-        ("deeplabv3plus_R18_gmmseg.yaml", [], ("gmm",), set()),
+        ("deeplabv3plus_R18_gmmseg.yaml", [], ("gmm",), {"anomaly"}),
         (
             "fpn_R18_gmmseg.yaml",
             ["TEST.ANOMALY_SCORES", "['gmm_fullres', 'energy']"],
@@ -247,11 +248,11 @@ def test_post_hoc_models_need_a_predictor_layer():
             "deeplabv3plus_R18_gmmseg.yaml",
             ["TEST.ANOMALY_SCORES", "['gmm', 'gmm_mahalanobis']"],
             ("gmm", "gmm_mahalanobis"),
-            {"anomaly_mahalanobis"},
+            {"anomaly", "anomaly_mahalanobis"},
         ),
     ],
 )
-def test_built_models_get_their_defaults(config, opts, expected, extra_maps):
+def test_built_models_get_their_defaults(config, opts, expected, head_maps):
     model = build_model(_cfg(config, *opts))
     assert model.anomaly_score_names == expected
-    assert model.head_extra_maps == extra_maps
+    assert model.requested_head_maps == head_maps

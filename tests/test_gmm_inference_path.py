@@ -140,13 +140,40 @@ def test_head_inference_gives_contiguous_logits_and_the_anomaly_map_only_when_as
 
     monkeypatch.setattr(GMMPredictor, "anomaly_map", staticmethod(refuse))
     with torch.no_grad():
-        without, _ = head(features, anomaly=False)
+        without, _ = head(features, maps=())
     assert set(without) == {"logits"} and torch.equal(without["logits"], maps["logits"])
+
+
+def test_head_refuses_unknown_map_names_naming_the_known_ones():
+    model = _model()
+    features = _backbone_features(model)
+    with torch.no_grad(), pytest.raises(ValueError) as info:
+        model.sem_seg_head(features, maps={"anomaly", "anomaly_halfres", "rba"})
+    message = str(info.value)
+    assert "['anomaly_halfres', 'rba']" in message
+    assert "['anomaly', 'anomaly_fullres', 'anomaly_mahalanobis']" in message
+
+
+def test_head_computes_each_named_map_as_when_asked_alone():
+    """One set names every map: asked together, each map equals the one computed alone (and the default
+    set is the ``anomaly`` map alone)."""
+    model = _model()
+    head = model.sem_seg_head
+    features = _backbone_features(model)
+    names = ("anomaly", "anomaly_fullres", "anomaly_mahalanobis")
+    with torch.no_grad():
+        together, _ = head(features, maps=set(names))
+        alone = {name: head(features, maps=[name])[0] for name in names}
+        default, _ = head(features)
+    assert set(together) == {"logits", *names} and set(default) == {"logits", "anomaly"}
+    for name in names:
+        assert set(alone[name]) == {"logits", name} and torch.equal(together[name], alone[name][name])
+    assert torch.equal(default["anomaly"], alone["anomaly"]["anomaly"])
 
 
 def test_models_compute_the_anomaly_map_only_when_a_score_reads_it():
     default, logit_only = _model(), _model("TEST.ANOMALY_SCORES", "('msp', 'energy')")
-    assert default.head_anomaly and not logit_only.head_anomaly
+    assert default.requested_head_maps == {"anomaly"} and not logit_only.requested_head_maps
     inputs = [{"image": torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8), "height": 70, "width": 90}]
     with torch.no_grad():
         (full,), (lean,) = default(inputs), logit_only(inputs)

@@ -16,6 +16,7 @@ from gmmseg import validate_gmmseg_config
 from gmmseg.config_validation import ConfigValueError
 from gmmseg.evaluation import AnomalyEvaluator
 from gmmseg.evaluation.report import results_rows
+from gmmseg.modeling import QueryGMMPredictor
 from gmmseg.modeling.anomaly_scores import (
     LOGITS,
     MASK_CLASSIFICATION_MAPS,
@@ -187,7 +188,8 @@ def test_gmm_mask2former_without_its_anomaly_map_gives_the_same_posteriors():
     with torch.no_grad():
         (full,), (few,) = default(batch(n=1)), lean(batch(n=1))
         outputs = lean.sem_seg_head(lean.backbone(torch.zeros(1, 3, 64, 64)))
-    assert lean.aggregated_columns(outputs) is None and default.aggregated_columns(outputs).shape[-1] == 2
+    assert lean.query_scores(outputs) is None and lean.aggregated_columns(outputs, None) is None
+    assert default.aggregated_columns(outputs, default.query_scores(outputs)).shape[-1] == 2
     assert "anomaly" in full and "anomaly" not in few and list(few["anomaly_scores"]) == ["msp"]
     torch.testing.assert_close(few["sem_seg"], full["sem_seg"], rtol=1e-6, atol=1e-7)
 
@@ -255,3 +257,44 @@ def test_one_pass_sums_equal_the_separate_maps():
     fused = ownership_anomaly_from_sums(sums, query_score)
     torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(fused, mask_classification_anomaly(mask_cls, mask_pred, query_score))
+
+
+@pytest.mark.parametrize(
+    "scores, window",
+    [(("gmm", "gmm_assigned"), None), (("gmm", "gmm_assigned"), "(64, 64)"), (("msp", "rba"), None)],
+)
+def test_query_scores_are_computed_once_per_decoder_pass(scores, window, monkeypatch):
+    """The GMM query scores (``object_log_prob``) are made once per decoder pass, whole image or row of
+    sliding windows, from that pass's outputs, and not at all when no map reads them; the maps equal
+    those of the lower-level functions fed a score of their own."""
+    opts = ["TEST.ANOMALY_SCORES", _names(scores)]
+    if window:
+        opts += ["TEST.SLIDING_WINDOW.ENABLED", "True", "TEST.SLIDING_WINDOW.SIZE", window]
+        opts += ["TEST.SLIDING_WINDOW.STRIDE", "(32, 32)"]
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("gmmseg", *opts)).eval()
+    scored, decoded = [], []
+    score = QueryGMMPredictor.object_log_prob
+
+    def spy(predictor, outputs):
+        scored.append(outputs)
+        return score(predictor, outputs)
+
+    monkeypatch.setattr(QueryGMMPredictor, "object_log_prob", spy)
+    model.sem_seg_head.register_forward_hook(lambda module, args, out: decoded.append(out))
+    with torch.no_grad():
+        (result,) = model(batch(n=1, size=96 if window else 64))
+    assert len(decoded) == (2 if window else 1)  # two rows of two windows, or the whole image
+    if "gmm" not in scores:
+        assert scored == []
+        return
+    assert len(scored) == len(decoded) and all(s is d["gmm"] for s, d in zip(scored, decoded))
+    if window is None:
+        (outputs,) = decoded
+        mask_cls, query_score = outputs["pred_logits"], score(model.gmm_predictor, outputs["gmm"])
+        mask_pred = F.interpolate(outputs["pred_masks"], size=(64, 64), mode="bilinear", align_corners=False)
+        got = result["anomaly_scores"]
+        torch.testing.assert_close(
+            got["gmm"], mask_classification_anomaly(mask_cls, mask_pred, query_score)[0]
+        )
+        assert torch.equal(got["gmm_assigned"], assigned_query_anomaly(mask_cls, mask_pred, query_score)[0])

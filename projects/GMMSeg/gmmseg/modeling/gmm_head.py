@@ -15,13 +15,14 @@ parameter names do not change (``sem_seg_head.<decoder...>``, ``sem_seg_head.gmm
 The converted head returns, in training, ``(None, {"loss_sem_seg", "loss_gmm_component"})`` (and the
 head's auxiliary losses, if it has any: contract point 5); at inference
 ``({"logits": (N, C, H, W), "anomaly": (N, H, W)}, {})`` at the padded input resolution, which
-``PosteriorSemanticSegmentor`` turns into ``sem_seg`` posteriors and an ``anomaly`` map per image (left
-out with ``anomaly=False``, which the meta-architecture passes when no score reads it). The
-optional maps (``OPTIONAL_MAPS``) are computed only when named in ``extra_maps``: ``"anomaly_fullres"``
-(N, H, W), ``-max_c log p(x|c)`` scored per input pixel on the upsampled, re-normalised embeddings
-(``GMMPredictor.fullres_anomaly_map``) rather than scored at stride ``common_stride`` and upsampled
-(the ``gmm_fullres`` score); ``"anomaly_mahalanobis"`` (N, H, W), the distance to the nearest component
-in its own stds (``GMMPredictor.mahalanobis_anomaly_map``, the ``gmm_mahalanobis`` score).
+``PosteriorSemanticSegmentor`` turns into ``sem_seg`` posteriors and an ``anomaly`` map per image. Which
+maps besides the logits it computes is one set, ``maps`` (names in ``HEAD_MAPS``; ``DEFAULT_MAPS``, the
+``anomaly`` map alone, unless told), which the meta-architecture fills with the maps its scores read:
+``"anomaly"`` (N, H, W), ``-max_c log p(x|c)`` scored at stride ``common_stride`` and upsampled (the
+``gmm`` score; left out when all scores are logit-based); ``"anomaly_fullres"`` (N, H, W), the same
+scored per input pixel on the upsampled, re-normalised embeddings (``GMMPredictor.fullres_anomaly_map``,
+the ``gmm_fullres`` score); ``"anomaly_mahalanobis"`` (N, H, W), the distance to the nearest component in
+its own stds (``GMMPredictor.mahalanobis_anomaly_map``, the ``gmm_mahalanobis`` score).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from .anomaly_scores import CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_FULLRES, CLASS_LI
 from .gmm_predictor import GMMPredictor
 
 __all__ = [
-    "OPTIONAL_MAPS",
+    "DEFAULT_MAPS",
+    "HEAD_MAPS",
     "DecoderTap",
     "GMMHead",
     "attach_gmm_predictor",
@@ -51,8 +53,10 @@ __all__ = [
 ]
 
 
-# the maps a GMM head computes only when asked (``GMMHead.forward``'s ``extra_maps``)
-OPTIONAL_MAPS = frozenset({CLASS_LIKELIHOOD_FULLRES, CLASS_LIKELIHOOD_MAHALANOBIS})
+# the maps besides the logits a GMM head computes when named in ``GMMHead.forward``'s ``maps``
+HEAD_MAPS = frozenset({CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_FULLRES, CLASS_LIKELIHOOD_MAHALANOBIS})
+# those it computes unless told otherwise: the ``anomaly`` map of the default ``gmm`` score
+DEFAULT_MAPS = frozenset({CLASS_LIKELIHOOD})
 
 
 class DecoderFeatures(Exception):
@@ -120,11 +124,10 @@ class GMMHead(nn.Module):
         features: dict[str, Tensor],
         targets: Tensor | None = None,
         *,
-        extra_maps: Collection[str] = (),
-        anomaly: bool = True,
+        maps: Collection[str] = DEFAULT_MAPS,
     ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor]]:
-        """Training: ``(None, losses)``. Inference: the maps of the module docstring; ``anomaly=False``
-        leaves out the ``anomaly`` map (the meta-architecture asks for it only when a score reads it)."""
+        """Training: ``(None, losses)`` (``maps`` unused). Inference: the logits and the maps named in
+        ``maps`` (module docstring): each costs time, so the meta-architecture names those a score reads."""
         outputs = self.gmm_predictor(self.decoder_features(features, targets))
         auxiliary = pop_auxiliary_losses(self)
         if self.training:
@@ -137,11 +140,9 @@ class GMMHead(nn.Module):
             if clash:
                 raise KeyError(f"{type(self).__name__}.auxiliary_losses reuses the GMM losses' names {clash}")
             return None, {**losses, **auxiliary}
-        unknown = sorted(set(extra_maps) - OPTIONAL_MAPS)
+        unknown = sorted(set(maps) - HEAD_MAPS)
         if unknown:
-            raise ValueError(
-                f"unknown optional GMM head maps {unknown}; expected some of {sorted(OPTIONAL_MAPS)}"
-            )
+            raise ValueError(f"unknown GMM head maps {unknown}; expected some of {sorted(HEAD_MAPS)}")
         # the predictor's logits are a permuted (N, H, W, C) tensor: upsampled as they are, the
         # full-resolution logits would be channels-last and every later full-resolution op (cropping,
         # posteriors) would copy them back; made contiguous on the stride-s grid, that copy is s^2 smaller
@@ -151,19 +152,19 @@ class GMMHead(nn.Module):
             mode="bilinear",
             align_corners=False,
         )
-        grid_maps = {CLASS_LIKELIHOOD: GMMPredictor.anomaly_map(outputs)} if anomaly else {}
-        if CLASS_LIKELIHOOD_MAHALANOBIS in extra_maps:
+        grid_maps = {CLASS_LIKELIHOOD: GMMPredictor.anomaly_map(outputs)} if CLASS_LIKELIHOOD in maps else {}
+        if CLASS_LIKELIHOOD_MAHALANOBIS in maps:
             grid_maps[CLASS_LIKELIHOOD_MAHALANOBIS] = self.gmm_predictor.mahalanobis_anomaly_map(outputs)
-        maps = {"logits": logits}
+        computed = {"logits": logits}
         for key, value in grid_maps.items():  # scored on the stride-s grid, upsampled as the logits
-            maps[key] = F.interpolate(
+            computed[key] = F.interpolate(
                 value[:, None], scale_factor=self.common_stride, mode="bilinear", align_corners=False
             )[:, 0]
-        if CLASS_LIKELIHOOD_FULLRES in extra_maps:  # it scores H x W pixels instead of H/s x W/s
-            maps[CLASS_LIKELIHOOD_FULLRES] = self.gmm_predictor.fullres_anomaly_map(
+        if CLASS_LIKELIHOOD_FULLRES in maps:  # it scores H x W pixels instead of H/s x W/s
+            computed[CLASS_LIKELIHOOD_FULLRES] = self.gmm_predictor.fullres_anomaly_map(
                 outputs["embeddings"], tuple(logits.shape[-2:])
             )
-        return maps, {}
+        return computed, {}
 
 
 # head class -> the class its converted heads take: made on first use, or a named one (gmm_class_of)

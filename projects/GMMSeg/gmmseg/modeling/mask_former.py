@@ -1,8 +1,8 @@
 """Mask2Former for semantic segmentation with the GMM class predictor, and its softmax twin.
 
 Built on the official Mask2Former code (``maskformer2``): its backbone (ResNet or Swin), pixel decoder,
-masked-attention transformer decoder, Hungarian matcher and set criterion are used as they are. What
-GMMSeg-D2 adds:
+masked-attention transformer decoder, Hungarian matcher and set criterion (``mask_criterion.py``) are used
+as they are. What GMMSeg-D2 adds:
 
 - ``GMMMultiScaleMaskedTransformerDecoder``: Mask2Former's decoder whose class head (a linear layer over
   query embeddings, C + 1 logits) is a ``QueryGMMPredictor``: projected, normalised query embeddings scored
@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
-from mask2former.modeling.criterion import SetCriterion
 from mask2former.modeling.matcher import HungarianMatcher
 from mask2former.modeling.transformer_decoder.mask2former_transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
@@ -75,6 +74,7 @@ from .mask_anomaly import (
     ownership_columns,
     rejected_by_all,
 )
+from .mask_criterion import MaskFormerCriterion
 from .meta_arch import PosteriorSemanticSegmentor
 from .query_labels import labels_from_matching, query_calibration
 
@@ -88,26 +88,6 @@ __all__ = [
     "mask_classification_scores",
     "mask_weighted_sums",
 ]
-
-
-def _use_eager_mask_losses() -> None:
-    """Run Mask2Former's mask losses and matching costs eagerly instead of through ``torch.jit.script``.
-
-    TorchScript's profiling executor re-optimises scripted functions after their first calls, which
-    changes float results between a fresh process and a warm one: two identical runs in one process
-    differed, and a run resumed after a crash could not end as the uninterrupted one. The eager functions
-    compute the same losses (they are the ones Mask2Former scripts).
-    """
-    import mask2former.modeling.criterion as criterion_module
-    import mask2former.modeling.matcher as matcher_module
-
-    criterion_module.dice_loss_jit = criterion_module.dice_loss
-    criterion_module.sigmoid_ce_loss_jit = criterion_module.sigmoid_ce_loss
-    matcher_module.batch_dice_loss_jit = matcher_module.batch_dice_loss
-    matcher_module.batch_sigmoid_ce_loss_jit = matcher_module.batch_sigmoid_ce_loss
-
-
-_use_eager_mask_losses()
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
@@ -152,41 +132,6 @@ class GMMMultiScaleMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
         )
         attn_mask = attn_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
         return gmm_outputs["logits"], outputs_mask, (attn_mask < 0.5).detach()
-
-
-class MaskFormerCriterion(SetCriterion):
-    """Mask2Former's set criterion, built from its loss weights, that also returns the last layer's
-    Hungarian matching (``maskformer2`` 0.1's constructor takes the three weights and the number of
-    auxiliary layers instead of a weight dict, which breaks its own ``MaskFormer.from_config``)."""
-
-    def match_and_losses(
-        self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]
-    ) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
-        """Weighted losses of the last and the auxiliary layers, and the last layer's matching: per
-        image ``(query indices, target indices)``."""
-        last = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        num_masks = torch.as_tensor(
-            [float(sum(len(t["labels"]) for t in targets))], device=outputs["pred_logits"].device
-        )
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(num_masks)
-            num_masks = num_masks / torch.distributed.get_world_size()
-        num_masks = torch.clamp(num_masks, min=1).item()
-
-        losses: dict[str, Tensor] = {}
-        indices = self.matcher(last, targets)
-        for loss in self.losses:
-            losses.update(self.get_loss(loss, last, targets, indices, num_masks))
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_indices = self.matcher(aux, targets)
-            for loss in self.losses:
-                layer_losses = self.get_loss(loss, aux, targets, aux_indices, num_masks)
-                losses.update({f"{k}_{i}": v for k, v in layer_losses.items()})
-        weighted = {k: v * self.weight_dict[k] for k, v in losses.items() if k in self.weight_dict}
-        return weighted, indices
-
-    def forward(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        return self.match_and_losses(outputs, targets)[0]
 
 
 @META_ARCH_REGISTRY.register()
@@ -314,22 +259,33 @@ class PosteriorMaskFormer(PosteriorSemanticSegmentor):
         mask_pred = F.interpolate(
             outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False
         )
-        scores, sums = mask_weighted_sums(outputs["pred_logits"], mask_pred, self.aggregated_columns(outputs))
+        query_score = self.query_scores(outputs)  # once per window: the sums and the maps share it
+        columns = self.aggregated_columns(outputs, query_score)
+        scores, sums = mask_weighted_sums(outputs["pred_logits"], mask_pred, columns)
         maps = {LOGITS: torch.log(scores.clamp_min(torch.finfo(scores.dtype).tiny))}
-        maps.update(self.extra_maps(outputs, mask_pred, scores, sums))
+        maps.update(self.extra_maps(outputs, mask_pred, scores, sums, query_score))
         return maps
 
-    def aggregated_columns(self, outputs: dict[str, Any]) -> Tensor | None:
+    def query_scores(self, outputs: dict[str, Any]) -> Tensor | None:
+        """(B, Q) per-query scores the maps read, made once per window (None: none)."""
+        return None
+
+    def aggregated_columns(self, outputs: dict[str, Any], query_score: Tensor | None) -> Tensor | None:
         """(B, Q, E) per-query values whose mask-weighted sums ``extra_maps`` needs, summed in the same pass
         as the semantic scores (None: none)."""
         return None
 
     def extra_maps(
-        self, outputs: dict[str, Any], mask_pred: Tensor, scores: Tensor, sums: Tensor | None
+        self,
+        outputs: dict[str, Any],
+        mask_pred: Tensor,
+        scores: Tensor,
+        sums: Tensor | None,
+        query_score: Tensor | None,
     ) -> dict[str, Tensor]:
         """Further (B, H, W) maps from the decoder outputs, the upsampled mask logits, the semantic scores
-        ``s_c`` (B, C, H, W) and the sums of ``aggregated_columns`` of the same pass: RbA when a score
-        reads it."""
+        ``s_c`` (B, C, H, W), the sums of ``aggregated_columns`` of the same pass and ``query_scores``: RbA
+        when a score reads it."""
         if REJECTED_BY_ALL in self.needed_maps:
             return {REJECTED_BY_ALL: rejected_by_all(scores)}
         return {}
@@ -374,23 +330,28 @@ class GMMMaskFormer(PosteriorMaskFormer):
         )
         return self.gmm_predictor.losses(outputs["gmm"], query_labels.to(outputs["pred_logits"].device))
 
-    def aggregated_columns(self, outputs):
+    def query_scores(self, outputs):
+        """``max_{c<C} log p(e_q|c)`` (``object_log_prob``), which both query-likelihood maps read (None
+        when no score reads either)."""
+        if not {CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_ASSIGNED} & self.needed_maps:
+            return None
+        return self.gmm_predictor.object_log_prob(outputs["gmm"])
+
+    def aggregated_columns(self, outputs, query_score):
         """The soft-ownership anomaly's per-query columns (``ownership_columns``) when a score reads that
         map: summed with the semantic scores, one pass over the masks instead of two."""
         if CLASS_LIKELIHOOD not in self.needed_maps:
             return None
-        return ownership_columns(outputs["pred_logits"], self.gmm_predictor.object_log_prob(outputs["gmm"]))
+        return ownership_columns(outputs["pred_logits"], query_score)
 
-    def extra_maps(self, outputs, mask_pred, scores, sums):
+    def extra_maps(self, outputs, mask_pred, scores, sums, query_score):
         """The softmax model's maps, and each query-likelihood map a score reads: the ``anomaly`` map
         (soft ownership, ``mask_classification_anomaly`` from the sums of ``aggregated_columns``; the
         default ``gmm`` score reads it) and the claiming query's likelihood."""
-        maps = super().extra_maps(outputs, mask_pred, scores, sums)
-        if not {CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_ASSIGNED} & self.needed_maps:
-            return maps
-        mask_cls, query_score = outputs["pred_logits"], self.gmm_predictor.object_log_prob(outputs["gmm"])
+        maps = super().extra_maps(outputs, mask_pred, scores, sums, query_score)
         if CLASS_LIKELIHOOD in self.needed_maps:
             maps[CLASS_LIKELIHOOD] = ownership_anomaly_from_sums(sums, query_score)
         if CLASS_LIKELIHOOD_ASSIGNED in self.needed_maps:
+            mask_cls = outputs["pred_logits"]
             maps[CLASS_LIKELIHOOD_ASSIGNED] = assigned_query_anomaly(mask_cls, mask_pred, query_score)
         return maps

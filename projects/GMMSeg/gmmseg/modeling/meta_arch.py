@@ -33,14 +33,12 @@ from torch import Tensor, nn
 
 from .anomaly_scores import (
     CLASS_LIKELIHOOD,
-    CLASS_LIKELIHOOD_FULLRES,
-    CLASS_LIKELIHOOD_MAHALANOBIS,
     LOGITS,
     compute_scores,
     maps_needed,
     resolve_scores,
 )
-from .gmm_head import OPTIONAL_MAPS, GMMHead, convert_head_to_gmm
+from .gmm_head import HEAD_MAPS, GMMHead, convert_head_to_gmm
 from .gmm_predictor import GMMPredictor
 from .penultimate import PenultimateFeatures, penultimate_layer
 from .posthoc import MahalanobisStats, PosthocGMM
@@ -83,10 +81,9 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         needed = maps_needed(self.anomaly_score_names)
         # the maps the scores read: a model computes its optional ones (Mask2Former's) only when in here
         self.needed_maps = needed
-        # a GMM head's optional maps, computed only when a score reads them (gmm_head.OPTIONAL_MAPS), and
-        # its ``anomaly`` map, which only scores read (left out when all of them are logit-based)
-        self.head_extra_maps = needed & OPTIONAL_MAPS
-        self.head_anomaly = CLASS_LIKELIHOOD in needed
+        # the maps a GMM head computes besides its logits (gmm_head.HEAD_MAPS): those a score reads, so
+        # none when all scores are logit-based
+        self.requested_head_maps = needed & HEAD_MAPS
         # post-hoc models run when their maps are read; one that replaces the classifier, always
         self.posthoc_models = [m for m in posthoc if m.replaces_classifier or set(m.maps) & needed]
         self._penultimate: PenultimateFeatures | None = None
@@ -124,9 +121,7 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         """The maps (``anomaly_scores.MAPS``) the head gives at inference: logits, and a per-pixel GMM
         head's class-likelihood maps."""
         if isinstance(getattr(self.sem_seg_head, "gmm_predictor", None), GMMPredictor):
-            return frozenset(
-                {LOGITS, CLASS_LIKELIHOOD, CLASS_LIKELIHOOD_FULLRES, CLASS_LIKELIHOOD_MAHALANOBIS}
-            )
+            return frozenset({LOGITS}) | HEAD_MAPS
         return frozenset({LOGITS})
 
     def penultimate_layer(self) -> nn.Module | None:
@@ -174,9 +169,7 @@ class PosteriorSemanticSegmentor(SemanticSegmentor):
         scores need (N, h, w), all at the batch's resolution."""
         backbone_features = self.backbone(images)
         if isinstance(self.sem_seg_head, GMMHead):
-            head_out, _ = self.sem_seg_head(
-                backbone_features, extra_maps=self.head_extra_maps, anomaly=self.head_anomaly
-            )
+            head_out, _ = self.sem_seg_head(backbone_features, maps=self.requested_head_maps)
         else:
             head_out, _ = self.sem_seg_head(backbone_features)
         maps = dict(head_out) if isinstance(head_out, dict) else {LOGITS: head_out}
