@@ -50,9 +50,13 @@ VARIANTS: dict[str, tuple[Path, list[str], str]] = {
         "GMMSeg (empty memory), fast means (momentum 0.9, M-step every iteration)",
     ),
     "softmax_head_lr1": (SOFTMAX, HEAD_LR_1X, "softmax, head lr x1 (not the authors' x10)"),
-    "gmmseg_head_lr1": (GMMSEG, EMPTY + HEAD_LR_1X, "GMMSeg (empty memory), head lr x1 (not the authors' x10)"),
+    "gmmseg_head_lr1": (
+        GMMSEG, EMPTY + HEAD_LR_1X, "GMMSeg (empty memory), head lr x1 (not the authors' x10)"
+    ),
     "gmmseg_K1": (GMMSEG, EMPTY + ["MODEL.GMM.NUM_COMPONENTS", "1"], "GMMSeg (empty memory), K = 1"),
-    "gmmseg_vanilla_em": (GMMSEG, EMPTY + ["MODEL.GMM.E_STEP", "vanilla"], "GMMSeg (empty memory), vanilla EM"),
+    "gmmseg_vanilla_em": (
+        GMMSEG, EMPTY + ["MODEL.GMM.E_STEP", "vanilla"], "GMMSeg (empty memory), vanilla EM"
+    ),
     "gmmseg_memory0": (
         GMMSEG, ["MODEL.GMM.MEMORY_INIT", "empty", "MODEL.GMM.MEMORY_CAPACITY", "0"], "GMMSeg, no memory"
     ),

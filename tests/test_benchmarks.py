@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
@@ -357,6 +358,36 @@ def test_merge_seeds_renames_recorded_variants_at_once_and_describes_them_as_tod
     for bad in (["gmmseg=no_such_variant"], ["gmmseg"]):
         with pytest.raises(SystemExit, match="--rename"):
             merge_seeds.main([str(path), "--output", str(tmp_path), "--rename", *bad])
+
+
+def test_memory_state_counts_real_features_among_random_unit_vectors(tmp_path):
+    """A queue of random unit vectors (as MEMORY_INIT random starts it) into which 60 of 100 slots were
+    overwritten by features near the component's mean: 60% real, the std reported as fitted, and a
+    checkpoint without the EM hook's state refused by name."""
+    memory_state = _load("memory_state")
+    gen = torch.Generator().manual_seed(0)
+    classes, capacity, dim = 2, 100, 64
+    means = torch.nn.functional.normalize(torch.randn(classes, 1, dim, generator=gen), dim=-1)
+    features = torch.nn.functional.normalize(torch.randn(classes, 1, capacity, dim, generator=gen), dim=-1)
+    near = means[0, 0] + 0.05 * torch.randn(60, dim, generator=gen)
+    features[0, 0, :60] = torch.nn.functional.normalize(near, dim=-1)
+    stds = torch.stack([torch.full((1, dim), 0.11), torch.full((1, dim), 0.16)])
+    model = {"head.gmm.means": means, "head.gmm.stds": stds}
+    hook = {
+        "memory.features": features,
+        "memory.ptr": torch.tensor([[60], [0]]),
+        "memory.count": torch.full((classes, 1), capacity),
+    }
+    state = memory_state.memory_state(model, hook, threshold=0.3)
+    assert state["real_share"][0] == pytest.approx(0.6, abs=0.02)
+    assert state["real_share"][1] == pytest.approx(0.0, abs=0.02)
+    assert state["std"] == pytest.approx([0.11, 0.16])
+    assert state["written"] == [60.0, 0.0]
+    assert "| 0 | 0.110 | 60% | 60 |" in memory_state.markdown("run", state, None)
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": model, "trainer": {"hooks": {}}}, path)
+    with pytest.raises(SystemExit, match="no GMMEMHook state"):
+        memory_state.main([str(path)])
 
 
 def test_convergence_takes_the_short_runs_from_a_recorded_table_only_at_their_schedule(tmp_path):
