@@ -84,6 +84,7 @@ GMM_REFERENCE = {
     "MEAN_MOMENTUM": 0.999,
     "SINKHORN_EPSILON": 0.05,
     "SINKHORN_ITERS": 3,
+    "MEMORY_INIT": "random",  # the authors' queues start full of random unit vectors
 }
 SYNC_NORMS = ("SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
 
@@ -259,10 +260,11 @@ def test_paper_gmmseg_configs_use_reference_gmm_values(path):
     reference = dict(GMM_REFERENCE)
     if path.stem.startswith("mask2former"):  # queries, not pixels, fill the memory (see the config)
         assert gmm.MEMORY_CAPACITY == 1000 and gmm.ENQUEUE_CORRECT_ONLY is False
+        assert gmm.MEMORY_INIT == "empty"  # real queries only, as measured on DigitScapes
         gmm = gmm.clone()
-        gmm.MEMORY_CAPACITY = defaults.MODEL.GMM.MEMORY_CAPACITY
-        gmm.ENQUEUE_CORRECT_ONLY = defaults.MODEL.GMM.ENQUEUE_CORRECT_ONLY
-        reference.pop("MEMORY_CAPACITY")
+        for key in ("MEMORY_CAPACITY", "ENQUEUE_CORRECT_ONLY", "MEMORY_INIT"):
+            gmm[key] = defaults.MODEL.GMM[key]
+            reference.pop(key, None)
     if gmm.ENABLED:  # the one key on a softmax head (SegFormerHead, UPerNetHead) instead of a GMM head's name
         gmm = gmm.clone()
         gmm.ENABLED = defaults.MODEL.GMM.ENABLED
