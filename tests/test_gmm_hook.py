@@ -231,6 +231,12 @@ def test_random_init_from_config_is_seeded_by_cfg_seed():
     assert torch.all(GMMEMHook.from_config(cfg, _predictor()).online.memory.features == 0)
     with pytest.raises(ValueError, match="capacity"):
         GMMEMHook(_predictor(), capacity=0, memory_init="random")
+    # from a config, "random" with no memory (the default start with the paper's no-memory ablation) is
+    # the batch-only memory: nothing random to start with
+    cfg.MODEL.GMM.MEMORY_CAPACITY, cfg.MODEL.GMM.MEMORY_INIT = 0, "random"
+    online = GMMEMHook.from_config(cfg, _predictor()).online
+    assert online.batch_only and online.memory_init == "empty"
+    assert torch.all(online.memory.features == 0)
 
 
 def test_a_step_without_an_em_batch_is_an_error():

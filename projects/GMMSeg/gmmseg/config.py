@@ -112,7 +112,8 @@ def add_gmmseg_config(cfg: CN) -> None:
     # How the queues start: "random" (the authors': every slot a random unit vector, seeded by SEED or 0; the
     # M-step reads all slots and updates every class present in the batches, so every class's stds start
     # broad and equal) | "empty" (real features only). "random" since its three-seed DigitScapes rows
-    # (README, Results): same mIoU, an anomaly score 4x more stable across seeds. "empty" with capacity 0.
+    # (README, Results): same mIoU, an anomaly score 4x more stable across seeds. Ignored with
+    # MEMORY_CAPACITY 0 (no memory).
     cfg.MODEL.GMM.MEMORY_INIT = "random"
     cfg.MODEL.GMM.UPDATE_INTERVAL = 5  # run the M-step every this many iterations
     cfg.MODEL.GMM.MEAN_MOMENTUM = 0.999  # mean <- m * mean + (1 - m) * new mean

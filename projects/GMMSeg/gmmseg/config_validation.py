@@ -181,16 +181,6 @@ def _ignore_value_is_not_a_class(cfg: CfgNode) -> None:
     )
 
 
-def _random_memory_needs_a_memory(cfg: CfgNode) -> None:
-    gmm = cfg.MODEL.GMM
-    check(
-        gmm.MEMORY_INIT == "empty" or gmm.MEMORY_CAPACITY > 0,
-        "MODEL.GMM.MEMORY_INIT",
-        gmm.MEMORY_INIT,
-        "'empty' with MODEL.GMM.MEMORY_CAPACITY 0 (no memory: nothing to start full of random vectors)",
-    )
-
-
 def _scores_have_their_statistics(cfg: CfgNode) -> None:
     """Every score named that reads fitted statistics (``AnomalyScore.statistics``) has its file set."""
     for name in cfg.TEST.ANOMALY_SCORES:
@@ -326,7 +316,6 @@ def _datasets_agree_with_metadata(cfg: CfgNode) -> None:
 # After KEY_RULES, in this order.
 CROSS_KEY_RULES: tuple[Callable[[CfgNode], None], ...] = (
     _ignore_value_is_not_a_class,
-    _random_memory_needs_a_memory,
     _scores_have_their_statistics,
     _sliding_window_has_no_gaps,
     _posthoc_gmm_replaces_a_softmax_head,

@@ -85,7 +85,9 @@ class GMMEMHook(HookBase):
     @classmethod
     def from_config(cls, cfg: CfgNode, predictor: GMMPredictorBase) -> GMMEMHook:
         """The hook for ``cfg.MODEL.GMM``; a random initial memory is seeded by ``cfg.SEED``, or by 0 when
-        ``SEED < 0`` (a fixed seed, so that every process draws the same memory without communicating)."""
+        ``SEED < 0`` (a fixed seed, so that every process draws the same memory without communicating).
+        ``MEMORY_INIT`` describes a memory: with ``MEMORY_CAPACITY 0`` (none, the paper's ablation) it is
+        ignored, so that the ablation stays one key away from the default ``random``."""
         gmm = cfg.MODEL.GMM
         return cls(
             predictor,
@@ -94,7 +96,7 @@ class GMMEMHook(HookBase):
             max_per_step=gmm.MEMORY_PER_STEP,
             sampling=gmm.MEMORY_SAMPLING,
             memory_dtype=getattr(torch, gmm.MEMORY_DTYPE),
-            memory_init=gmm.MEMORY_INIT,
+            memory_init=gmm.MEMORY_INIT if gmm.MEMORY_CAPACITY > 0 else "empty",
             seed=cfg.SEED if cfg.SEED >= 0 else 0,
             interval=gmm.UPDATE_INTERVAL,
             mean_momentum=gmm.MEAN_MOMENTUM,
