@@ -12,6 +12,7 @@ from detectron2.solver import build_optimizer as detectron2_build_optimizer
 
 from gmmseg import add_gmmseg_config
 from gmmseg.compat import WarmupPolyLR
+from gmmseg.modeling.gmm_predictor import GMMPredictor
 from gmmseg.solver import build_optimizer
 
 
@@ -109,6 +110,41 @@ def test_authors_optimizer_head_multiplier_and_no_decay_on_norms():
     assert _hyper(opt, net.sem_seg_head[0].weight) == pytest.approx((0.1, 0.05))
     assert _hyper(opt, net.sem_seg_head[1].weight) == pytest.approx((0.1, 0.0))
     assert _hyper(opt, net.sem_seg_head[1].bias) == pytest.approx((0.1, 0.0))
+
+
+class _GMMSegNet(torch.nn.Module):
+    """A backbone conv and a head whose classifier is a GMM predictor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Conv2d(3, 4, 3)
+        self.sem_seg_head = torch.nn.Module()
+        self.sem_seg_head.predictor = GMMPredictor(4, 3, embed_dim=8, num_components=2)
+
+
+def test_logit_norm_multiplier_scales_only_the_class_score_layernorm():
+    """The class scores' LayerNorm gets base x head x logit-norm multiplier; the predictor's other
+    LayerNorm (of the features) and projection keep the head's rate."""
+    net = _GMMSegNet()
+    cfg = _solver_cfg(
+        "SOLVER.OPTIMIZER", "ADAMW", "SOLVER.HEAD_MULTIPLIER", "2.0", "SOLVER.LOGIT_NORM_MULTIPLIER", "30.0",
+        "SOLVER.WEIGHT_DECAY_NORM", "0.0",
+    )  # fmt: skip
+    opt = build_optimizer(cfg, net)
+    predictor = net.sem_seg_head.predictor
+    assert _hyper(opt, predictor.logit_norm.weight) == pytest.approx((0.6, 0.0))
+    assert _hyper(opt, predictor.logit_norm.bias) == pytest.approx((0.6, 0.0))
+    assert _hyper(opt, predictor.feature_norm.weight) == pytest.approx((0.02, 0.0))
+    assert _hyper(opt, net.backbone.weight) == pytest.approx((0.01, 0.05))
+    others = [
+        p
+        for p in predictor.parameters()
+        if p is not predictor.logit_norm.weight and p is not predictor.logit_norm.bias
+    ]
+    assert others and all(_hyper(opt, p)[0] == pytest.approx(0.02) for p in others)
+    # at the default the groups are the ones without the key
+    default = build_optimizer(_solver_cfg("SOLVER.OPTIMIZER", "ADAMW", "SOLVER.HEAD_MULTIPLIER", "2.0"), net)
+    assert _hyper(default, predictor.logit_norm.weight)[0] == pytest.approx(0.02)
 
 
 def test_sgd_defaults_equal_detectron2s_optimizer():

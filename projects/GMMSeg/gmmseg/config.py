@@ -38,6 +38,9 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
     # lr multiplier for the semantic segmentation head (MODEL.SEM_SEG_HEAD); the GMMSeg authors use 10
     cfg.SOLVER.HEAD_MULTIPLIER = 1.0
+    # lr multiplier (on top of the head's) for the LayerNorm over a GMM predictor's class scores: its scale
+    # is the posteriors' inverse temperature, which AdamW moves by about one learning rate per step
+    cfg.SOLVER.LOGIT_NORM_MULTIPLIER = 1.0
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # Number of equal-width confidence bins of the expected calibration error (ECE).
     cfg.TEST.CALIBRATION_BINS = 15

@@ -100,6 +100,7 @@ KEY_RULES: dict[str, Rule] = {
     "SOLVER.OPTIMIZER": one_of("SGD", "ADAMW"),
     "SOLVER.BACKBONE_MULTIPLIER": at_least(0),
     "SOLVER.HEAD_MULTIPLIER": at_least(0),
+    "SOLVER.LOGIT_NORM_MULTIPLIER": at_least(0),
     "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": one_of("value", "norm", "full_model"),
     "DATALOADER.SAMPLER_TRAIN": one_of(*TRAIN_SAMPLERS),
     "MODEL.GMM.ENABLED": BOOLEAN,

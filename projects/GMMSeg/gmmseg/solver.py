@@ -23,6 +23,7 @@ from detectron2.solver.build import (
 )
 
 from gmmseg.compat import WarmupPolyLR
+from gmmseg.modeling.gmm_predictor import GMMPredictorBase
 
 __all__ = ["build_lr_scheduler", "build_optimizer", "optimizer_param_groups"]
 
@@ -35,7 +36,9 @@ def optimizer_param_groups(cfg: CfgNode, model: torch.nn.Module) -> list[dict[st
     """Parameter groups with per-group ``lr`` and ``weight_decay``: ``SOLVER.BACKBONE_MULTIPLIER`` times
     the base rate for parameters under ``backbone``, ``SOLVER.HEAD_MULTIPLIER`` times it for the semantic
     segmentation head (``sem_seg_head``: the GMMSeg authors train their decode head, projection and
-    LayerNorms included, at 10x), ``SOLVER.WEIGHT_DECAY_NORM`` for normalisation layers,
+    LayerNorms included, at 10x), and ``SOLVER.LOGIT_NORM_MULTIPLIER`` times that for the LayerNorm over a
+    GMM predictor's class scores (``GMMPredictorBase.logit_norm``; see its key in ``config.py``),
+    ``SOLVER.WEIGHT_DECAY_NORM`` for normalisation layers,
     ``SOLVER.WEIGHT_DECAY_EMBED`` for embeddings, ``SOLVER.WEIGHT_DECAY`` otherwise."""
     solver = cfg.SOLVER
     norm_types = (
@@ -44,6 +47,9 @@ def optimizer_param_groups(cfg: CfgNode, model: torch.nn.Module) -> list[dict[st
         torch.nn.LayerNorm,
         torch.nn.LocalResponseNorm,
     )
+    logit_norm = {
+        id(p) for m in model.modules() if isinstance(m, GMMPredictorBase) for p in m.logit_norm.parameters()
+    }
     groups: list[dict[str, Any]] = []
     seen: set[torch.nn.Parameter] = set()
     for module_name, module in model.named_modules():
@@ -56,6 +62,8 @@ def optimizer_param_groups(cfg: CfgNode, model: torch.nn.Module) -> list[dict[st
                 lr = lr * solver.BACKBONE_MULTIPLIER
             elif module_name == "sem_seg_head" or module_name.startswith(HEAD_PREFIXES):
                 lr = lr * solver.HEAD_MULTIPLIER
+            if id(param) in logit_norm:
+                lr = lr * solver.LOGIT_NORM_MULTIPLIER
             weight_decay = solver.WEIGHT_DECAY
             if isinstance(module, norm_types):
                 weight_decay = solver.WEIGHT_DECAY_NORM
