@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -388,6 +389,48 @@ def test_memory_state_counts_real_features_among_random_unit_vectors(tmp_path):
     torch.save({"model": model, "trainer": {"hooks": {}}}, path)
     with pytest.raises(SystemExit, match="no GMMEMHook state"):
         memory_state.main([str(path)])
+
+
+def test_memory_state_turn_left_and_queue_scores_against_direct_computations():
+    """Turn left = the angle between a fitted mean and its queue's normalised mean (a mean 60 degrees away
+    from the features it holds); the top class of each queue feature against torch.distributions; the
+    last class is reported as "no object" for a Mask2Former checkpoint, and empty queues count nothing."""
+    memory_state = _load("memory_state")
+    gen = torch.Generator().manual_seed(1)
+    classes, comps, capacity, dim = 3, 2, 40, 8
+    e0, e1 = torch.eye(dim)[0], torch.eye(dim)[1]
+    means = torch.nn.functional.normalize(torch.randn(classes, comps, dim, generator=gen), dim=-1)
+    means[0, 0] = 0.5 * e0 + (3**0.5 / 2) * e1  # 60 degrees from e0
+    features = torch.nn.functional.normalize(
+        torch.randn(classes, comps, capacity, dim, generator=gen), dim=-1
+    )
+    features[0, 0] = e0  # a queue that holds e0 only
+    stds = 0.2 + 0.3 * torch.rand(classes, comps, dim, generator=gen)
+    count = torch.tensor([[capacity, 25], [capacity, 0], [10, capacity]])
+    model = {"sem_seg_head.predictor.class_predictor.gmm.means": means, "x.class_predictor.gmm.stds": stds}
+    hook = {"memory.features": features, "memory.ptr": count % capacity, "memory.count": count}
+    state = memory_state.memory_state(model, hook, threshold=0.3)
+    filled = torch.arange(capacity).view(1, 1, -1) < count.unsqueeze(-1)
+    normal = torch.distributions.Normal(means.double(), stds.double())  # (C, K, D)
+    for c in range(classes):
+        x = features[c][filled[c]].double()
+        log_prob = normal.log_prob(x[:, None, None, :]).sum(-1).amax(-1)  # (slots, C)
+        top = log_prob.argmax(-1)
+        assert state["scored_own"][c] == pytest.approx((top == c).double().mean().item())
+        assert state["scored_last"][c] == pytest.approx((top == classes - 1).double().mean().item())
+        angles = []
+        for k in range(comps):
+            if count[c, k] == 0:
+                continue
+            queue_mean = features[c, k, : count[c, k]].double().sum(0)
+            cos = queue_mean @ means[c, k].double() / queue_mean.norm() / means[c, k].double().norm()
+            angles.append(math.degrees(math.acos(cos.clamp(-1, 1).item())))
+        assert state["turn_left"][c] == pytest.approx(sum(angles) / len(angles), abs=1e-3)
+        if c == 0:
+            assert angles[0] == pytest.approx(60.0, abs=1e-4)  # the queue holding e0 only
+    assert state["no_object"]
+    table = memory_state.markdown("run", state, ["a", "b"])
+    assert "scored no object" in table and "| no object |" in table
 
 
 def test_convergence_takes_the_short_runs_from_a_recorded_table_only_at_their_schedule(tmp_path):
