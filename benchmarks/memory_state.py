@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gmmseg.gmm.gaussian import diag_gaussian_log_prob
+from gmmseg.gmm.classifier import GaussianMixtureClassifier
 
 HOOK = "GMMEMHook"
 
@@ -52,12 +52,10 @@ def queue_scores(
     has = filled.any(-1)
     angle = torch.rad2deg(torch.acos(cosine)) * has
     turn = angle.sum(1) / has.sum(1).clamp(min=1)
-    flat_means, flat_stds = means.float().reshape(-1, dim), stds.float().reshape(-1, dim)
-    top = []
-    for c in range(classes):  # one class's queues at a time bounds the (slots, C*K) scores
-        x = features[c][filled[c]]
-        scores = diag_gaussian_log_prob(x, flat_means, flat_stds).view(-1, classes, comps).amax(-1)
-        top.append(scores.argmax(-1))
+    classifier = GaussianMixtureClassifier(classes, comps, dim, score="wta")
+    classifier.update_parameters(means.float(), stds.float())
+    # one class's queues at a time bounds the (slots, C, K) scores
+    top = [classifier.class_log_prob(features[c][filled[c]]).argmax(-1) for c in range(classes)]
     return turn, top
 
 
